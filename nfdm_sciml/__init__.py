@@ -1,0 +1,50 @@
+"""nfdm_sciml: neural flow diffusion models with learnable forward processes."""
+
+import importlib.metadata
+
+from . import testing as testing
+from ._data import (
+    eight_gaussians as eight_gaussians,
+    eight_gaussians_log_prob as eight_gaussians_log_prob,
+)
+from ._decoder import (
+    AbstractDecoder as AbstractDecoder,
+    DiscretisedGaussianDecoder as DiscretisedGaussianDecoder,
+    GaussianDecoder as GaussianDecoder,
+)
+from ._flow import NeuralFlowProcess as NeuralFlowProcess
+from ._forward import (
+    AbstractFlowProcess as AbstractFlowProcess,
+    AbstractForwardProcess as AbstractForwardProcess,
+    AbstractGaussianProcess as AbstractGaussianProcess,
+    LinearInterpolant as LinearInterpolant,
+    NFDMGaussian as NFDMGaussian,
+    VariancePreserving as VariancePreserving,
+)
+from ._likelihood import (
+    LikelihoodEstimate as LikelihoodEstimate,
+    nelbo_estimate as nelbo_estimate,
+    ode_log_likelihood as ode_log_likelihood,
+)
+from ._model import LossTerms as LossTerms, NFDM as NFDM
+from ._nets import TimeMLP as TimeMLP
+from ._predictor import (
+    AbstractPredictor as AbstractPredictor,
+    FunctionPredictor as FunctionPredictor,
+    Predictor as Predictor,
+)
+from ._solve import (
+    ReverseSolution as ReverseSolution,
+    sample_ode as sample_ode,
+    sample_sde as sample_sde,
+)
+from ._train import make_train_step as make_train_step, run_steps as run_steps
+from ._volatility import (
+    AbstractVolatility as AbstractVolatility,
+    ConstantVolatility as ConstantVolatility,
+    LinearSNRVolatility as LinearSNRVolatility,
+    NeuralVolatility as NeuralVolatility,
+)
+
+
+__version__ = importlib.metadata.version("nfdm_sciml")
