@@ -80,6 +80,7 @@ class DiscretisedGaussianDecoder(AbstractDecoder):
 
     def nll(self, x: Data, z0: Data) -> Scalar:
         centres = self._centres(z0.dtype)
+        centres = centres.reshape((1,) * z0.ndim + (-1,))
         logits = -0.5 * ((z0[..., None] - centres) / self.scale) ** 2
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         k = self.bin_index(x)

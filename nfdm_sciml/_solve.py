@@ -136,6 +136,11 @@ def _solve(model, z1, keys, contexts, stochastic, solver, adaptive, rtol, atol,
             saveat=saveat,
             stepsize_controller=controller,
             max_steps=max_steps,
+            # The fast fixed-step Brownian path cannot be replayed backwards, so
+            # it does not support reverse-mode differentiation through the solve.
+            adjoint=diffrax.ForwardMode()
+            if stochastic and not adaptive
+            else diffrax.RecursiveCheckpointAdjoint(),
         )
 
     context_axis = None if contexts is None else 0

@@ -38,7 +38,10 @@ def make_train_step(optimiser: optax.GradientTransformation) -> StepFn:
             model, xs, key
         )
         params = eqx.filter(model, eqx.is_inexact_array)
-        updates, opt_state = optimiser.update(grads, opt_state, params)
+        # optax mixes Python floats with its int32 step counter; allow that even when
+        # the caller runs JAX with strict dtype promotion.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimiser.update(grads, opt_state, params)
         return eqx.apply_updates(model, updates), opt_state, terms
 
     return step

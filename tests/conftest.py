@@ -1,6 +1,7 @@
 import os
 
 import jax
+import jaxtyping
 import jax.random as jr
 import pytest
 from hypothesis import settings
@@ -25,3 +26,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def getkey():
     keys = iter(jr.split(jr.key(1234), 1000))
     return lambda: next(keys)
+
+
+@pytest.fixture
+def no_typecheck(monkeypatch):
+    """Turns off the jaxtyping test hook, to test the errors users see without it."""
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
