@@ -2,7 +2,7 @@ r"""PyTorch reference for the NFDM 2D training recipe, used only as a speed base
 
 This is the plain-PyTorch version of one training step of NFDM-Gaussian on the
 8-Gaussian toy data (digest sections 1.4, 1.5, 1.10 and 3.1): three 4x64 SELU MLPs
-(flow, predictor, volatility), one forward-mode JVP in $t$ at the data $x$ and one at
+(flow, predictor, volatility), one JVP in $t$ at the data $x$ and one at
 the prediction $\hat{x}$, and Adam at lr 1e-3. It is written the way a competent
 PyTorch user would write it, so that the benchmark compares like with like; it is not
 part of the `nfdm_sciml` library and nothing there imports it.
@@ -125,6 +125,9 @@ def run(
     With `compile=True` the loss is wrapped in `torch.compile`; if that fails on this
     machine the run falls back to eager mode and says so in the record under
     `compile_error`, so a benchmark never mistakes eager numbers for compiled ones.
+    `final_loss` and `mean_loss_last_100` are taken over the timed steps only (all of
+    them if there are fewer than 100). Note that `torch.set_num_threads(threads)` is
+    process-wide and stays in force after this returns.
     """
     if steps < 1 or warmup < 0 or threads < 1:
         raise ValueError(

@@ -2,7 +2,7 @@
 
 import importlib.metadata
 
-from . import testing as testing
+from . import plotting as plotting, testing as testing
 from ._data import (
     eight_gaussians as eight_gaussians,
     eight_gaussians_log_prob as eight_gaussians_log_prob,
@@ -33,6 +33,7 @@ from ._predictor import (
     FunctionPredictor as FunctionPredictor,
     Predictor as Predictor,
 )
+from ._recipes import build_model as build_model, MODEL_KINDS as MODEL_KINDS
 from ._solve import (
     ReverseSolution as ReverseSolution,
     sample_ode as sample_ode,

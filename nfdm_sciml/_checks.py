@@ -15,7 +15,7 @@ from jaxtyping import Array
 
 
 def _is_traced(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
+    return isinstance(x, jax.core.Tracer)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def check_floating(x, name: str) -> None:

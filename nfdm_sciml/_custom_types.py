@@ -13,7 +13,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 Data: TypeAlias = Float[Array, "*dims"]
 Time: TypeAlias = Float[Array, ""]
 Scalar: TypeAlias = Float[Array, ""]
-Batch: TypeAlias = Float[Array, "batch *dims"]
+Batch: TypeAlias = Float[Array, " batch *dims"]
 # A context is whatever a process is conditioned on besides `x` (a bridge's source
 # sample, an encoded time series, a label). `None` means "unconditional".
 Context: TypeAlias = Any

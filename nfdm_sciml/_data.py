@@ -18,7 +18,9 @@ def eight_gaussians(
     standard deviation about 0.354). Its differential entropy is about 2.832 nats.
     """
     if not (isinstance(num_samples, int) and num_samples > 0):
-        raise ValueError(f"`num_samples` must be a positive integer, got {num_samples}.")
+        raise ValueError(
+            f"`num_samples` must be a positive integer, got {num_samples}."
+        )
     ckey, nkey = jr.split(key)
     angles = jr.randint(ckey, (num_samples,), 0, 8).astype(dtype) * (math.pi / 4)
     centres = 4 * jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=-1)

@@ -50,8 +50,8 @@ class DiscretisedGaussianDecoder(AbstractDecoder):
     r"""A decoder for integer data on `num_bins` levels, represented as bin centres
     $v_k = \text{low} + k\,(\text{high} - \text{low})/(\text{num\_bins} - 1)$.
 
-    $p(x = v_k \mid z_0) \propto \mathcal{N}(z_0; v_k, s^2)$, normalised over the bins of
-    each entry. The bound is then a bound on the discrete log-likelihood: bits per
+    $p(x = v_k \mid z_0) \propto \mathcal{N}(z_0; v_k, s^2)$, normalised over the bins
+    of each entry. The bound is then a bound on the discrete log-likelihood: bits per
     dimension need no dequantisation offset. Data must already be mapped to the bin
     centres (for 8-bit pixels: `x = k / 127.5 - 1`).
     """

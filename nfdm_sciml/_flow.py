@@ -3,6 +3,7 @@ r"""A learnable non-Gaussian forward process built from conditional coupling lay
 from typing import Literal
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -100,12 +101,7 @@ class NeuralFlowProcess(AbstractFlowProcess):
                 depth=depth,
                 key=ckey,
             )
-            last = net.mlp.layers[-1]
-            last = eqx.tree_at(
-                lambda lin: (lin.weight, lin.bias),
-                last,
-                (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)),
-            )
+            last = jax.tree.map(jnp.zeros_like, net.mlp.layers[-1])
             conditioners.append(eqx.tree_at(lambda n: n.mlp.layers[-1], net, last))
         self.conditioners = tuple(conditioners)
         self.transformed = tuple(transformed)

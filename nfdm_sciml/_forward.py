@@ -121,7 +121,7 @@ class AbstractGaussianProcess(AbstractForwardProcess):
     def moments_and_rates(
         self, t: Time, x: Data, context: Context = None
     ) -> tuple[tuple[Data, Data], tuple[Data, Data]]:
-        """**Returns:** `((mu, sigma), (dmu/dt, dsigma/dt))` from a single JVP in `t`."""
+        """**Returns:** `((mu, sigma), (dmu/dt, dsigma/dt))` from one JVP in `t`."""
         return jax.jvp(
             lambda s: self.mean_and_scale(s, x, context), (t,), (jnp.ones_like(t),)
         )

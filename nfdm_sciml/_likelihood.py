@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._checks import check_batch
 from ._custom_types import Batch, Context
 from ._forward import standard_normal_log_prob
-from ._model import NFDM, LossTerms
+from ._model import LossTerms, NFDM
 
 
 class LikelihoodEstimate(eqx.Module):
@@ -42,9 +42,10 @@ def _summarise(per_example, data_size: int, terms=None) -> LikelihoodEstimate:
     n = per_example.shape[0]
     mean = jnp.mean(per_example)
     stderr = jnp.std(per_example, ddof=1) / math.sqrt(n) if n > 1 else jnp.nan
+    stderr = jnp.asarray(stderr)
     scale = 1 / (data_size * math.log(2))
     return LikelihoodEstimate(
-        per_example, mean, jnp.asarray(stderr), mean * scale, stderr * scale, terms
+        per_example, mean, stderr, mean * scale, stderr * scale, terms
     )
 
 
@@ -142,7 +143,7 @@ def _ode_log_prob(model, xs, probes, contexts, exact, solver, rtol, atol, max_st
             stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
             max_steps=max_steps,
         )
-        z1, integral = sol.ys[0][-1], sol.ys[1][-1]
+        z1, integral = jax.tree.map(lambda y: y[-1], sol.ys)
         # Change of variables along the flow: log p_0(x) = log p_1(z_1) + int div f dt.
         return standard_normal_log_prob(z1) + integral
 
@@ -163,8 +164,8 @@ def ode_log_likelihood(
 ) -> LikelihoodEstimate:
     r"""The negative log-likelihood of each example under the deterministic model.
 
-    Integrates $\mathrm{d}z = f(z, t, \hat x_\theta(z, t))\,\mathrm{d}t$ from the data at
-    $t = 0$ to $t = 1$ with Tsit5, accumulating the divergence of the drift:
+    Integrates $\mathrm{d}z = f(z, t, \hat x_\theta(z, t))\,\mathrm{d}t$ from the data
+    at $t = 0$ to $t = 1$ with Tsit5, accumulating the divergence of the drift:
     $\log p_0(x) = \log\mathcal{N}(z_1; 0, I) + \int_0^1 \nabla\cdot f\,\mathrm{d}t$.
     This is the likelihood of the ODE model (see [`nfdm_sciml.NFDM.ode_drift`][]), not
     a bound on the SDE model's.
@@ -191,12 +192,21 @@ def ode_log_likelihood(
         if key is None:
             raise ValueError("`trace='hutchinson'` needs a `key` for its probes.")
         if not (isinstance(num_probes, int) and num_probes > 0):
-            raise ValueError(f"`num_probes` must be a positive integer, got {num_probes}.")
+            raise ValueError(
+                f"`num_probes` must be a positive integer, got {num_probes}."
+            )
         probes = jr.rademacher(key, (n, num_probes, size), dtype=xs.dtype)
     else:
         probes = jnp.zeros((n, 1, 1), xs.dtype)
     log_probs = _ode_log_prob(
-        model, xs, probes, contexts, trace == "exact", diffrax.Tsit5, rtol, atol,
-        max_steps
+        model,
+        xs,
+        probes,
+        contexts,
+        trace == "exact",
+        diffrax.Tsit5,
+        rtol,
+        atol,
+        max_steps,
     )
     return _summarise(-log_probs, size)

@@ -1,6 +1,7 @@
 r"""The neural flow diffusion model: forward process, predictor, volatility, decoder."""
 
 from collections.abc import Sequence
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -136,7 +137,9 @@ class NFDM(eqx.Module):
         self._check_example("x,eps", x, eps)
         return self.forward.prior_kl(eps, x, context)
 
-    def reconstruction_loss(self, x: Data, eps: Data, context: Context = None) -> Scalar:
+    def reconstruction_loss(
+        self, x: Data, eps: Data, context: Context = None
+    ) -> Scalar:
         """$-\\log p(x \\mid z_0)$ at $z_0 = F(\\varepsilon, 0, x)$."""
         self._check_example("x,eps", x, eps)
         z0 = self.forward(eps, jnp.zeros((), x.dtype), x, context)
@@ -164,7 +167,12 @@ class NFDM(eqx.Module):
         return self.loss_terms(x, key=key, context=context).nelbo
 
     def batch_loss(
-        self, xs: Batch, *, key: PRNGKeyArray, contexts: Context = None
+        self,
+        xs: Batch,
+        *,
+        key: PRNGKeyArray,
+        contexts: Context = None,
+        objective: Literal["nelbo", "diffusion"] = "nelbo",
     ) -> tuple[Scalar, LossTerms]:
         """The training objective: the batch mean of the single-sample NELBO.
 
@@ -173,20 +181,37 @@ class NFDM(eqx.Module):
         - `xs`: a batch of examples, shape `(batch, *data_shape)`.
         - `key`: a JAX PRNG key; each example gets its own time and noise.
         - `contexts`: per-example contexts with a leading batch axis, or `None`.
+        - `objective`: `"nelbo"` (all three terms) or `"diffusion"` (the diffusion
+          term alone, as in the authors' 2D code). The latter is only equivalent when
+          the prior and reconstruction terms do not depend on the parameters, as for
+          [`nfdm_sciml.NFDMGaussian`][] with a fixed decoder; the terms it does not
+          compute are reported as NaN.
 
         **Returns:** `(loss, terms)` where `terms` holds the batch means of each term.
         """
+        if objective not in ("nelbo", "diffusion"):
+            raise ValueError(
+                f"`objective` must be 'nelbo' or 'diffusion', got {objective!r}."
+            )
         xs = check_batch(xs, self.data_shape)
         keys = jr.split(key, xs.shape[0])
-        terms = jax.vmap(
-            lambda x, k, c: self.loss_terms(x, key=k, context=c),
-            in_axes=(0, 0, None if contexts is None else 0),
-        )(xs, keys, contexts)
-        means = jax.tree.map(jnp.mean, terms)
-        return means.nelbo, means
+
+        def one(x, k, c):
+            if objective == "nelbo":
+                return self.loss_terms(x, key=k, context=c)
+            tkey, ekey = jr.split(k)
+            t = jr.uniform(tkey, (), dtype=x.dtype)
+            eps = jr.normal(ekey, x.shape, dtype=x.dtype)
+            nan = jnp.full((), jnp.nan, x.dtype)
+            return LossTerms(self.diffusion_loss(x, t, eps, c), nan, nan)
+
+        in_axes = (0, 0, None if contexts is None else 0)
+        means = jax.tree.map(jnp.mean, jax.vmap(one, in_axes)(xs, keys, contexts))
+        loss = means.nelbo if objective == "nelbo" else means.diffusion
+        return loss, means
 
     def reverse_drift(self, z: Data, t: Time, context: Context = None) -> Data:
-        r"""The generative SDE drift $\hat f(z, t, \hat x_\theta(z, t))$ (reverse time)."""
+        r"""The generative SDE drift $\hat f(z, t, \hat x_\theta(z, t))$ (reverse)."""
         x_hat = self.predictor(z, t, context)
         velocity, score = self.forward.velocity_and_score(z, t, x_hat, context)
         return velocity - 0.5 * self.volatility(t) ** 2 * score

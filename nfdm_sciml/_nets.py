@@ -45,7 +45,9 @@ class TimeMLP(eqx.Module):
             in_size + 1, out_size, width_size, depth, activation=activation, key=key
         )
 
-    def __call__(self, t: Float[Array, ""], *inputs: Array | None) -> Float[Array, " out"]:
+    def __call__(
+        self, t: Float[Array, ""], *inputs: Array | None
+    ) -> Float[Array, " out"]:
         # Everything is cast to the weights' dtype so that float32 networks accept
         # float64 data (and vice versa) under strict dtype promotion.
         dtype = self.mlp.layers[0].weight.dtype

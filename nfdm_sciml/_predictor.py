@@ -15,7 +15,7 @@ class AbstractPredictor(eqx.Module):
 
     @abc.abstractmethod
     def __call__(self, z: Data, t: Time, context: Context = None) -> Data:
-        """**Returns:** the prediction $\\hat x(z, t)$ of the data point, shaped as `z`."""
+        """**Returns:** the predicted data point $\\hat x(z, t)$, shaped as `z`."""
 
 
 class Predictor(AbstractPredictor):

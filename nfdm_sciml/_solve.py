@@ -10,7 +10,7 @@ Each example is solved on its own (the solve is `jax.vmap`ped), so adaptive solv
 choose steps per example.
 """
 
-from typing import Literal
+from typing import cast, Literal
 
 import diffrax
 import equinox as eqx
@@ -52,9 +52,9 @@ class ReverseSolution(eqx.Module):
     - `num_steps`: the number of accepted solver steps for each sample.
     """
 
-    samples: Float[Array, "n *dims"]
+    samples: Float[Array, " n *dims"]
     ts: Float[Array, " times"] | None
-    trajectories: Float[Array, "n times *dims"] | None
+    trajectories: Float[Array, " n times *dims"] | None
     num_steps: Int[Array, " n"]
 
 
@@ -88,13 +88,25 @@ def _check_steps(adaptive: bool, num_steps: int, num_saves: int | None) -> None:
 
 
 @eqx.filter_jit
-def _solve(model, z1, keys, contexts, stochastic, solver, adaptive, rtol, atol,
-           num_steps, num_saves, max_steps) -> ReverseSolution:
+def _solve(
+    model,
+    z1,
+    keys,
+    contexts,
+    stochastic,
+    solver,
+    adaptive,
+    rtol,
+    atol,
+    num_steps,
+    num_saves,
+    max_steps,
+) -> ReverseSolution:
     shape, size = model.data_shape, model.data_size
     if stochastic:
         cls, levy_area, _ = _SDE_SOLVERS[solver]
     else:
-        (cls, _), levy_area = _ODE_SOLVERS[solver], None
+        (cls, _), levy_area = _ODE_SOLVERS[solver], diffrax.BrownianIncrement
     if adaptive:
         controller, dt0 = diffrax.PIDController(rtol=rtol, atol=atol), 1e-2
     else:
@@ -145,7 +157,7 @@ def _solve(model, z1, keys, contexts, stochastic, solver, adaptive, rtol, atol,
 
     context_axis = None if contexts is None else 0
     sol = jax.vmap(one, in_axes=(0, 0, context_axis))(z1, keys, contexts)
-    ys = sol.ys.reshape(z1.shape[0], -1, *shape)
+    ys = cast(Array, sol.ys).reshape(z1.shape[0], -1, *shape)
     return ReverseSolution(
         ys[:, -1],
         ts,
@@ -166,7 +178,7 @@ def sample_sde(
     atol: float = 1e-3,
     num_saves: int | None = None,
     contexts: Context = None,
-    z1: Float[Array, "n *dims"] | None = None,
+    z1: Float[Array, " n *dims"] | None = None,
     max_steps: int = 16384,
 ) -> ReverseSolution:
     r"""Samples the generative SDE $\mathrm{d}z = \hat f_{\theta}(z, t)\,\mathrm{d}t +
@@ -206,8 +218,20 @@ def sample_sde(
     nkey, bkey = jr.split(key)
     z1 = _initial_noise(model, num_samples, z1, nkey, model_dtype(model))
     keys = jr.split(bkey, z1.shape[0])
-    return _solve(model, z1, keys, contexts, True, solver, adaptive, rtol, atol,
-                  num_steps, num_saves, max_steps)
+    return _solve(
+        model,
+        z1,
+        keys,
+        contexts,
+        True,
+        solver,
+        adaptive,
+        rtol,
+        atol,
+        num_steps,
+        num_saves,
+        max_steps,
+    )
 
 
 def sample_ode(
@@ -222,7 +246,7 @@ def sample_ode(
     atol: float = 1e-5,
     num_saves: int | None = None,
     contexts: Context = None,
-    z1: Float[Array, "n *dims"] | None = None,
+    z1: Float[Array, " n *dims"] | None = None,
     max_steps: int = 16384,
 ) -> ReverseSolution:
     r"""Samples the deterministic generative ODE $\mathrm{d}z = f(z, t,
@@ -252,5 +276,17 @@ def sample_ode(
     _check_steps(adaptive, num_steps, num_saves)
     z1 = _initial_noise(model, num_samples, z1, key, model_dtype(model))
     keys = jr.split(key, z1.shape[0])
-    return _solve(model, z1, keys, contexts, False, solver, adaptive, rtol, atol,
-                  num_steps, num_saves, max_steps)
+    return _solve(
+        model,
+        z1,
+        keys,
+        contexts,
+        False,
+        solver,
+        adaptive,
+        rtol,
+        atol,
+        num_steps,
+        num_saves,
+        max_steps,
+    )

@@ -2,6 +2,7 @@
 and a `lax.scan` over many steps with data drawn on the device."""
 
 from collections.abc import Callable
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -10,7 +11,7 @@ import optax
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._custom_types import Batch
-from ._model import NFDM, LossTerms
+from ._model import LossTerms, NFDM
 
 
 StepFn = Callable[
@@ -19,18 +20,27 @@ StepFn = Callable[
 ]
 
 
-def make_train_step(optimiser: optax.GradientTransformation) -> StepFn:
+def make_train_step(
+    optimiser: optax.GradientTransformation,
+    *,
+    objective: Literal["nelbo", "diffusion"] = "nelbo",
+) -> StepFn:
     """Builds `step(model, opt_state, xs, key) -> (model, opt_state, terms)`.
 
     The step minimises the batch mean of the single-sample NELBO
-    ([`nfdm_sciml.NFDM.batch_loss`][]) over every inexact array of the model (forward
-    process, predictor and volatility together) and returns the batch means of the
-    bound terms. It is pure and `eqx.filter_jit`-ted; initialise the optimiser state
-    with `optimiser.init(eqx.filter(model, eqx.is_inexact_array))`.
+    ([`nfdm_sciml.NFDM.batch_loss`][], or its diffusion term alone with
+    `objective="diffusion"`) over every inexact array of the model (forward process,
+    predictor and volatility together) and returns the batch means of the bound
+    terms. It is pure and `eqx.filter_jit`-ted; initialise the optimiser state with
+    `optimiser.init(eqx.filter(model, eqx.is_inexact_array))`.
     """
+    if objective not in ("nelbo", "diffusion"):
+        raise ValueError(
+            f"`objective` must be 'nelbo' or 'diffusion', got {objective!r}."
+        )
 
     def loss_fn(model, xs, key):
-        return model.batch_loss(xs, key=key)
+        return model.batch_loss(xs, key=key, objective=objective)
 
     @eqx.filter_jit
     def step(model, opt_state, xs, key):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
+from jax.typing import DTypeLike
 
 from ._custom_types import Context, Data
 from ._forward import AbstractForwardProcess, AbstractGaussianProcess
@@ -39,7 +40,8 @@ def _assert_close(name, actual, expected, rtol, atol, where) -> None:
     actual, expected = np.asarray(actual), np.asarray(expected)
     if actual.shape != expected.shape:
         raise AssertionError(
-            f"{name}: shape {actual.shape} does not match the expected {expected.shape} "
+            f"{name}: shape {actual.shape} does not match the expected "
+            f"{expected.shape} "
             f"({where})."
         )
     if not np.all(np.isfinite(actual)):
@@ -48,7 +50,8 @@ def _assert_close(name, actual, expected, rtol, atol, where) -> None:
     if np.any(excess > 0):
         worst = int(np.argmax(excess))
         raise AssertionError(
-            f"{name}: got {actual.ravel()[worst]!r}, expected {expected.ravel()[worst]!r}"
+            f"{name}: got {actual.ravel()[worst]!r}, expected "
+            f"{expected.ravel()[worst]!r}"
             f" (largest violation, tolerance rtol={rtol:g}, atol={atol:g}; {where})."
         )
 
@@ -64,8 +67,12 @@ def check_round_trip(
     t = jnp.asarray(t, eps.dtype)
     tol = _tolerance(eps.dtype)
     _assert_close(
-        "inverse round trip", _round_trip(process, eps, t, x, context), eps, 10 * tol,
-        10 * tol, _where(t, x)
+        "inverse round trip",
+        _round_trip(process, eps, t, x, context),
+        eps,
+        10 * tol,
+        10 * tol,
+        _where(t, x),
     )
 
 
@@ -81,7 +88,9 @@ def check_log_det(
     t = jnp.asarray(t, eps.dtype)
     sign, expected, actual = _log_dets(process, eps, t, x, context)
     if float(sign) == 0:
-        raise AssertionError(f"F is not invertible in eps here: det = 0 ({_where(t, x)}).")
+        raise AssertionError(
+            f"F is not invertible in eps here: det = 0 ({_where(t, x)})."
+        )
     tol = _tolerance(eps.dtype)
     _assert_close("log-determinant", actual, expected, 10 * tol, 10 * tol, _where(t, x))
 
@@ -110,7 +119,9 @@ def check_velocity(
     tol = _tolerance(dtype)
     rtol, atol = 100 * tol, 100 * tol
     where = _where(t, x)
-    _assert_close("velocity vs finite difference", velocity, expected, rtol, atol, where)
+    _assert_close(
+        "velocity vs finite difference", velocity, expected, rtol, atol, where
+    )
     _assert_close("sample_terms sample", z2, z, tol, tol, where)
     _assert_close("sample_terms velocity", velocity2, expected, rtol, atol, where)
 
@@ -120,7 +131,13 @@ def _velocities(process, eps, t, x, context, h):
     after, before = process(eps, t + h, x, context), process(eps, t - h, x, context)
     z = process(eps, t, x, context)
     z2, velocity2, _ = process.sample_terms(eps, t, x, context)
-    return (after - before) / (2 * h), z, process.velocity(z, t, x, context), z2, velocity2
+    return (
+        (after - before) / (2 * h),
+        z,
+        process.velocity(z, t, x, context),
+        z2,
+        velocity2,
+    )
 
 
 def check_score(
@@ -214,15 +231,19 @@ def check_predictor(
     """$\\hat x(z, t)$ has the shape of `z`, is finite, and has a finite derivative in
     $t$ (time must enter smoothly: velocities are JVPs in $t$)."""
     t = jnp.asarray(t, z.dtype)
-    x_hat, dx_hat = jax.jvp(lambda s: predictor(z, s, context), (t,), (jnp.ones_like(t),))
+    x_hat, dx_hat = jax.jvp(
+        lambda s: predictor(z, s, context), (t,), (jnp.ones_like(t),)
+    )
     if x_hat.shape != z.shape:
         raise AssertionError(f"x_hat has shape {x_hat.shape}, expected {z.shape}.")
     if not (np.all(np.isfinite(x_hat)) and np.all(np.isfinite(dx_hat))):
-        raise AssertionError(f"x_hat or its t-derivative is not finite at t={float(t)}.")
+        raise AssertionError(
+            f"x_hat or its t-derivative is not finite at t={float(t)}."
+        )
 
 
 def example_inputs(
-    data_shape: Sequence[int], dtype=np.float32, *, scale: float = 3.0
+    data_shape: Sequence[int], dtype: DTypeLike = np.float32, *, scale: float = 3.0
 ) -> st.SearchStrategy:
     """A hypothesis strategy of `(eps, t, x)` for one example of `data_shape`.
 
@@ -278,8 +299,8 @@ def check_forward_process(
 def gaussian_posterior_mean(
     process: AbstractGaussianProcess, data_mean: float, data_std: float
 ) -> FunctionPredictor:
-    r"""The exact $\mathbb{E}[x \mid z_t]$ for data $x \sim \mathcal{N}(m, s^2 I)$ under a
-    Gaussian process whose mean is affine in $x$ elementwise and whose scale does not
+    r"""The exact $\mathbb{E}[x \mid z_t]$ for data $x \sim \mathcal{N}(m, s^2 I)$ under
+    a Gaussian process whose mean is affine in $x$ elementwise and whose scale does not
     depend on $x$ (such as [`nfdm_sciml.LinearInterpolant`][] and
     [`nfdm_sciml.VariancePreserving`][]).
 

@@ -1,8 +1,8 @@
 import os
 
 import jax
-import jaxtyping
 import jax.random as jr
+import jaxtyping
 import pytest
 from hypothesis import settings
 

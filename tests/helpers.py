@@ -15,7 +15,8 @@ def randomise(module, key, scale: float = 0.5):
     leaves, treedef = jax.tree.flatten(module, is_leaf=eqx.is_inexact_array)
     keys = jr.split(key, len(leaves))
     new = [
-        scale * jr.normal(k, leaf.shape, leaf.dtype) if eqx.is_inexact_array(leaf)
+        scale * jr.normal(k, leaf.shape, leaf.dtype)
+        if eqx.is_inexact_array(leaf)
         else leaf
         for leaf, k in zip(leaves, keys, strict=True)
     ]
@@ -37,8 +38,13 @@ FORWARD_PROCESSES = {
     "flow_affine": (
         lambda d, c, k: randomise(
             nf.NeuralFlowProcess(
-                d, context_size=c, transform="affine", num_layers=2, width_size=16,
-                depth=1, key=k,
+                d,
+                context_size=c,
+                transform="affine",
+                num_layers=2,
+                width_size=16,
+                depth=1,
+                key=k,
             ),
             k,
         ),
@@ -47,8 +53,14 @@ FORWARD_PROCESSES = {
     "flow_spline": (
         lambda d, c, k: randomise(
             nf.NeuralFlowProcess(
-                d, context_size=c, transform="spline", num_layers=2, num_bins=4,
-                width_size=16, depth=1, key=k,
+                d,
+                context_size=c,
+                transform="spline",
+                num_layers=2,
+                num_bins=4,
+                width_size=16,
+                depth=1,
+                key=k,
             ),
             k,
         ),

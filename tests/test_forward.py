@@ -60,7 +60,9 @@ def test_linear_interpolant_velocity_is_exact(inputs):
     z, velocity, _ = process.sample_terms(eps, t, x)
     expected = -x + (1 - 0.01) * eps
     np.testing.assert_allclose(velocity, expected, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(process.velocity(z, t, x), expected, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        process.velocity(z, t, x), expected, rtol=1e-9, atol=1e-9
+    )
 
 
 @given(testing.example_inputs((3,), np.float64))
@@ -131,9 +133,7 @@ def test_prior_kl_closed_form():
     assert float(nf.LinearInterpolant().prior_kl(jnp.zeros(2), x)) == pytest.approx(0)
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"delta": 0.0}, {"delta": 1.5}]
-)
+@pytest.mark.parametrize("kwargs", [{"delta": 0.0}, {"delta": 1.5}])
 def test_bad_delta(kwargs):
     with pytest.raises(ValueError, match="delta"):
         nf.LinearInterpolant(**kwargs)

@@ -44,7 +44,9 @@ def test_nelbo_matches_exact_nll_on_gaussian_data():
         estimate.bits_per_dim, estimate.nats / (DIM * math.log(2)), rtol=1e-12
     )
     np.testing.assert_allclose(
-        estimate.nats, estimate.terms.nelbo, rtol=1e-10  # pyright: ignore
+        estimate.nats,
+        estimate.terms.nelbo,
+        rtol=1e-10,  # pyright: ignore
     )
 
 

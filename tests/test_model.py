@@ -9,7 +9,7 @@ from hypothesis import given
 import nfdm_sciml as nf
 from nfdm_sciml import testing
 
-from .helpers import FORWARD_PROCESSES, VOLATILITIES, make_model, randomise
+from .helpers import FORWARD_PROCESSES, make_model, randomise, VOLATILITIES
 
 
 @pytest.mark.parametrize("process", sorted(FORWARD_PROCESSES))
@@ -150,3 +150,24 @@ def test_randomise_helper_changes_every_parameter():
         strict=True,
     ):
         assert not np.allclose(a, b)
+
+
+def test_diffusion_objective_has_the_nelbo_gradient_for_nfdm_gaussian():
+    # The prior and reconstruction terms of NFDM-Gaussian do not depend on the
+    # parameters, so training on L_diff alone (the authors' recipe) is the same.
+    model = make_model("nfdm_gaussian", key=jr.key(13))
+    xs = jr.normal(jr.key(14), (8, 2), jnp.float64)
+
+    def grads(objective):
+        return eqx.filter_grad(
+            lambda m: m.batch_loss(xs, key=jr.key(15), objective=objective)[0]
+        )(model)
+
+    nelbo, diffusion = grads("nelbo"), grads("diffusion")
+    for a, b in zip(jax.tree.leaves(nelbo), jax.tree.leaves(diffusion), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    loss, terms = model.batch_loss(xs, key=jr.key(15), objective="diffusion")
+    np.testing.assert_allclose(loss, terms.diffusion)
+    assert np.isnan(terms.prior) and np.isnan(terms.reconstruction)
+    with pytest.raises(ValueError, match="objective"):
+        model.batch_loss(xs, key=jr.key(15), objective="elbo")  # pyright: ignore

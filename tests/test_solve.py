@@ -32,8 +32,13 @@ def _check_moments(samples, std, n):
 
 @pytest.mark.parametrize(
     ("solver", "adaptive", "num_steps"),
-    [("euler", False, 200), ("heun", False, 50), ("shark", False, 50),
-     ("spark", True, 0), ("heun", True, 0)],
+    [
+        ("euler", False, 200),
+        ("heun", False, 50),
+        ("shark", False, 50),
+        ("spark", True, 0),
+        ("heun", True, 0),
+    ],
 )
 def test_sde_samples_exact_reverse_process(solver, adaptive, num_steps):
     # VP process + matching volatility + exact posterior mean: the generative SDE is
@@ -41,8 +46,14 @@ def test_sde_samples_exact_reverse_process(solver, adaptive, num_steps):
     model = _exact_model(nf.VariancePreserving(), nf.LinearSNRVolatility())
     n = 1000
     solution = nf.sample_sde(
-        model, n, key=jr.key(0), solver=solver, adaptive=adaptive,
-        num_steps=num_steps or 1, rtol=1e-2, atol=1e-2,
+        model,
+        n,
+        key=jr.key(0),
+        solver=solver,
+        adaptive=adaptive,
+        num_steps=num_steps or 1,
+        rtol=1e-2,
+        atol=1e-2,
     )
     assert solution.samples.shape == (n, 2)
     _check_moments(solution.samples, STD, n)
@@ -77,16 +88,15 @@ def test_ode_is_deterministic_map_and_inverts_likelihood_direction():
 
 def test_trajectories():
     model = make_model("nfdm_gaussian", key=jr.key(5))
-    solution = nf.sample_sde(
-        model, 4, key=jr.key(6), num_steps=20, num_saves=11
-    )
+    solution = nf.sample_sde(model, 4, key=jr.key(6), num_steps=20, num_saves=11)
     assert solution.ts is not None and solution.trajectories is not None
     np.testing.assert_allclose(solution.ts, np.linspace(1, 0, 11), atol=1e-12)
     assert solution.trajectories.shape == (4, 11, 2)
     np.testing.assert_allclose(solution.trajectories[:, -1], solution.samples)
     assert int(solution.num_steps[0]) == 20
-    ode = nf.sample_ode(model, 4, key=jr.key(6), solver="euler", num_steps=10,
-                        num_saves=3)
+    ode = nf.sample_ode(
+        model, 4, key=jr.key(6), solver="euler", num_steps=10, num_saves=3
+    )
     assert ode.trajectories is not None and ode.trajectories.shape == (4, 3, 2)
 
 

@@ -74,4 +74,6 @@ def test_check_volatility_and_predictor_catch_problems(no_typecheck):
         testing.check_predictor(
             nf.FunctionPredictor(lambda z, t, c: z[:1]), jnp.zeros(2), 0.5
         )
-    testing.check_predictor(nf.FunctionPredictor(lambda z, t, c: t * z), jnp.ones(2), 0.5)
+    testing.check_predictor(
+        nf.FunctionPredictor(lambda z, t, c: t * z), jnp.ones(2), 0.5
+    )

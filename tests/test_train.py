@@ -30,8 +30,11 @@ def test_scan_equals_step_by_step():
         dkey, lkey = jr.split(key)
         model, opt_state, t = step(model, opt_state, _sample(dkey), lkey)
         np.testing.assert_allclose(t.nelbo, terms.nelbo[i], rtol=1e-10)
-    for a, b in zip(jax.tree.leaves(eqx.filter(model, eqx.is_array)),
-                    jax.tree.leaves(eqx.filter(scanned, eqx.is_array)), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(model, eqx.is_array)),
+        jax.tree.leaves(eqx.filter(scanned, eqx.is_array)),
+        strict=True,
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
@@ -47,8 +50,9 @@ def test_training_lowers_the_loss():
 def test_run_steps_bad_num_steps():
     model, optimiser, opt_state = _setup()
     with pytest.raises(ValueError, match="num_steps"):
-        nf.run_steps(nf.make_train_step(optimiser), model, opt_state, _sample, 0,
-                     key=jr.key(0))
+        nf.run_steps(
+            nf.make_train_step(optimiser), model, opt_state, _sample, 0, key=jr.key(0)
+        )
 
 
 def test_eight_gaussians_density():

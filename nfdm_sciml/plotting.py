@@ -1,0 +1,106 @@
+"""Matplotlib figures of samples, trajectories and training curves (PNG files).
+
+Every function draws on its own `matplotlib.figure.Figure` (not through pyplot), so it
+needs no display, leaves the user's backend alone and keeps no figure open.
+"""
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def _save(fig: Figure, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def _limits(*arrays, margin: float = 0.1):
+    points = np.concatenate([np.asarray(a).reshape(-1, 2) for a in arrays])
+    low, high = np.percentile(points, 0.5, 0), np.percentile(points, 99.5, 0)
+    pad = margin * (high - low)
+    return (low[0] - pad[0], high[0] + pad[0]), (low[1] - pad[1], high[1] + pad[1])
+
+
+def plot_samples_2d(
+    data, samples: Mapping[str, np.ndarray], path, *, title: str | None = None
+) -> Path:
+    """Scatter plots of 2D data beside each named set of samples.
+
+    **Arguments:**
+
+    - `data`: reference points, shape `(n, 2)`.
+    - `samples`: name -> points of shape `(m, 2)`, one panel each.
+    - `path`: where to write the PNG.
+    """
+    panels = {
+        "data": np.asarray(data),
+        **{k: np.asarray(v) for k, v in samples.items()},
+    }
+    xlim, ylim = _limits(*panels.values())
+    fig = Figure(figsize=(3.2 * len(panels), 3.2))
+    axes = fig.subplots(1, len(panels))
+    for ax, (name, points) in zip(np.atleast_1d(axes), panels.items(), strict=True):
+        ax.scatter(points[:, 0], points[:, 1], s=1, alpha=0.4)
+        ax.set(title=name, xlim=xlim, ylim=ylim, aspect="equal", xticks=[], yticks=[])
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_trajectories_2d(
+    trajectories: Mapping[str, np.ndarray], path, *, title: str | None = None
+) -> Path:
+    """Paths of 2D trajectories, one panel per named set.
+
+    **Arguments:**
+
+    - `trajectories`: name -> array of shape `(n, times, 2)`; each path is drawn from
+      its first to its last state, with the last states marked.
+    - `path`: where to write the PNG.
+    """
+    fig = Figure(figsize=(3.6 * len(trajectories), 3.6))
+    axes = fig.subplots(1, len(trajectories))
+    for ax, (name, paths) in zip(
+        np.atleast_1d(axes), trajectories.items(), strict=True
+    ):
+        paths = np.asarray(paths)
+        for p in paths:
+            ax.plot(p[:, 0], p[:, 1], lw=0.6, alpha=0.6)
+        ax.scatter(paths[:, 0, 0], paths[:, 0, 1], s=4, c="k", label="start")
+        ax.scatter(paths[:, -1, 0], paths[:, -1, 1], s=4, c="r", label="end")
+        ax.set(title=name, aspect="equal", xticks=[], yticks=[])
+    np.atleast_1d(axes)[0].legend(loc="lower left", fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_curves(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path,
+    *,
+    xlabel: str = "step",
+    ylabel: str = "loss (nats)",
+    smooth: int = 1,
+    title: str | None = None,
+) -> Path:
+    """Line plots of named `(x, y)` curves, optionally smoothed by a running mean."""
+    fig = Figure(figsize=(5.5, 3.5))
+    ax = fig.subplots()
+    for name, (xs, ys) in curves.items():
+        xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+        if smooth > 1 and ys.size >= smooth:
+            kernel = np.ones(smooth) / smooth
+            ys = np.convolve(ys, kernel, mode="valid")
+            xs = xs[smooth - 1 :]
+        ax.plot(xs, ys, label=name, lw=1)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
