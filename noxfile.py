@@ -45,6 +45,6 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def benchmarks(session: nox.Session) -> None:
-    """Training speed against the PyTorch reference (installs the CPU build of torch)."""
+    """Training speed against the PyTorch reference (installs CPU-only torch)."""
     session.install("-e", ".[torch-reference]")
     session.run("python", "benchmarks/train_speed.py", *session.posargs, env=ENV)

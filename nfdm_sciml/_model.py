@@ -122,7 +122,10 @@ class NFDM(eqx.Module):
         r"""$\frac{1}{2g^2}\|\hat f(z_t, t, x) - \hat f(z_t, t, \hat x_\theta)\|^2$ at
         $z_t = F(\varepsilon, t, x)$: the single-sample diffusion term, in nats."""
         self._check_example("x,eps", x, eps)
-        t = check_time(t)
+        return self._diffusion_loss(x, check_time(t), eps, context)
+
+    def _diffusion_loss(self, x, t, eps, context):
+        # Unchecked: for callers that draw t in [0, 1] themselves (the training loss).
         z, velocity, score = self.forward.sample_terms(eps, t, x, context)
         x_hat = self.predictor(z, t, context)
         velocity_hat, score_hat = self.forward.velocity_and_score(z, t, x_hat, context)
@@ -156,8 +159,9 @@ class NFDM(eqx.Module):
         tkey, ekey = jr.split(key)
         t = jr.uniform(tkey, (), dtype=x.dtype)
         eps = jr.normal(ekey, x.shape, dtype=x.dtype)
+        self._check_example("x", x)
         return LossTerms(
-            self.diffusion_loss(x, t, eps, context),
+            self._diffusion_loss(x, t, eps, context),
             self.prior_loss(x, eps, context),
             self.reconstruction_loss(x, eps, context),
         )
@@ -203,7 +207,7 @@ class NFDM(eqx.Module):
             t = jr.uniform(tkey, (), dtype=x.dtype)
             eps = jr.normal(ekey, x.shape, dtype=x.dtype)
             nan = jnp.full((), jnp.nan, x.dtype)
-            return LossTerms(self.diffusion_loss(x, t, eps, c), nan, nan)
+            return LossTerms(self._diffusion_loss(x, t, eps, c), nan, nan)
 
         in_axes = (0, 0, None if contexts is None else 0)
         means = jax.tree.map(jnp.mean, jax.vmap(one, in_axes)(xs, keys, contexts))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, strategies as st
 
 import nfdm_sciml as nf
 from nfdm_sciml import testing
@@ -149,3 +149,11 @@ def test_bad_configs():
     # The annotation (under the jaxtyping test hook) or our own check rejects it.
     with pytest.raises((ValueError, TypeError), match="transform"):
         nf.NeuralFlowProcess(2, transform="radial", key=jr.key(0))  # pyright: ignore
+
+
+@pytest.mark.parametrize("name", sorted(VOLATILITIES))
+@given(t=st.floats(0.0, 1.0))
+def test_volatility_positive_property(name, t):
+    volatility = VOLATILITIES[name](jr.key(1))
+    g = volatility(jnp.asarray(t))
+    assert g.shape == () and np.isfinite(float(g)) and float(g) > 0
