@@ -15,6 +15,10 @@ from ._nets import TimeMLP
 from ._spline import rational_quadratic_spline
 
 
+# Raw coupling parameters pass through B tanh(raw / B) before the t (1 - t) factor.
+_PARAM_BOUND = 3.0
+
+
 class NeuralFlowProcess(AbstractFlowProcess):
     r"""A learnable forward process with non-Gaussian marginals $q(z_t \mid x)$.
 
@@ -113,13 +117,15 @@ class NeuralFlowProcess(AbstractFlowProcess):
     def _layer(self, layer: int, u, t, x, context, inverse: bool):
         idx_b = np.asarray(self.transformed[layer], dtype=np.int32)
         idx_a = np.asarray(self.conditioning[layer], dtype=np.int32)
-        params = self.conditioners[layer](t, u[idx_a], x, context).astype(u.dtype)
-        params = t * (1 - t) * params.reshape(len(idx_b), -1)
+        raw = self.conditioners[layer](t, u[idx_a], x, context).astype(u.dtype)
+        # A soft bound on every raw parameter keeps each layer's slopes within a fixed
+        # range (the spline's inverse and the score stay well conditioned); the factor
+        # t (1 - t) makes the layer the identity at both ends.
+        bounded = _PARAM_BOUND * jnp.tanh(raw / _PARAM_BOUND)
+        params = t * (1 - t) * bounded.reshape(len(idx_b), -1)
         b = u[idx_b]
         if self.transform == "affine":
-            # tanh keeps the log-scale bounded so that early training cannot blow up.
-            log_scale = 2 * jnp.tanh(params[:, 0] / 2)
-            shift = params[:, 1]
+            log_scale, shift = params[:, 0], params[:, 1]
             if inverse:
                 new_b, log_det = (b - shift) * jnp.exp(-log_scale), -log_scale
             else:
@@ -147,12 +153,16 @@ class NeuralFlowProcess(AbstractFlowProcess):
         mu, sigma = self.gaussian.mean_and_scale(t, x, context)
         return mu + sigma * self._transform(eps, t, x, context)[0]
 
-    def inverse(self, z: Data, t: Time, x: Data, context: Context = None) -> Data:
+    def inverse_and_log_det(
+        self, z: Data, t: Time, x: Data, context: Context = None
+    ) -> tuple[Data, Scalar]:
         mu, sigma = self.gaussian.mean_and_scale(t, x, context)
-        u = (z - mu) / sigma
+        u, log_det = (z - mu) / sigma, jnp.sum(jnp.log(sigma))
         for layer in reversed(range(len(self.conditioners))):
-            u, _ = self._layer(layer, u, t, x, context, inverse=True)
-        return u
+            # Each inverse layer returns the log-det of the inverse map.
+            u, inverse_log_det = self._layer(layer, u, t, x, context, inverse=True)
+            log_det = log_det - inverse_log_det
+        return u, log_det
 
     def log_det_jacobian(
         self, eps: Data, t: Time, x: Data, context: Context = None

@@ -94,11 +94,10 @@ class AbstractForwardProcess(eqx.Module):
         $\mathcal{N}(0, I)$ by construction.
         """
 
+    @abc.abstractmethod
     def log_prob(self, z: Data, t: Time, x: Data, context: Context = None) -> Scalar:
-        r"""$\log q(z_t \mid x) = \log \mathcal{N}(\varepsilon) -
+        r"""**Returns:** $\log q(z_t \mid x) = \log \mathcal{N}(\varepsilon) -
         \log|\det \partial_\varepsilon F|$ at $\varepsilon = F^{-1}(z)$."""
-        eps = self.inverse(z, t, x, context)
-        return standard_normal_log_prob(eps) - self.log_det_jacobian(eps, t, x, context)
 
 
 class AbstractGaussianProcess(AbstractForwardProcess):
@@ -149,6 +148,11 @@ class AbstractGaussianProcess(AbstractForwardProcess):
         mu, sigma = self.mean_and_scale(t, x, context)
         return (mu - z) / sigma**2
 
+    def log_prob(self, z: Data, t: Time, x: Data, context: Context = None) -> Scalar:
+        mu, sigma = self.mean_and_scale(t, x, context)
+        eps = (z - mu) / sigma
+        return standard_normal_log_prob(eps) - jnp.sum(jnp.log(sigma))
+
     def velocity_and_score(
         self, z: Data, t: Time, x: Data, context: Context = None
     ) -> tuple[Data, Data]:
@@ -171,12 +175,27 @@ class AbstractGaussianProcess(AbstractForwardProcess):
 class AbstractFlowProcess(AbstractForwardProcess):
     r"""A general invertible forward process, served by automatic differentiation.
 
-    Subclasses implement `__call__`, `inverse` and `log_det_jacobian`. The velocity is
+    Subclasses implement `__call__`, `inverse_and_log_det` (the inverse map, with
+    $\log|\det \partial_\varepsilon F|$ at the recovered $\varepsilon$, in one pass)
+    and `log_det_jacobian`. The velocity is
     a `jax.jvp` of $F$ in $t$ at $\varepsilon = F^{-1}(z)$; the score is the gradient
     of $\log \mathcal{N}(\varepsilon) - \log|\det \partial_\varepsilon F|$ with
     respect to $z$; the prior KL is a single-sample estimate. Override
     `prior_kl` with `0` when the process ends at $\mathcal{N}(0, I)$ exactly.
     """
+
+    @abc.abstractmethod
+    def inverse_and_log_det(
+        self, z: Data, t: Time, x: Data, context: Context = None
+    ) -> tuple[Data, Scalar]:
+        """**Returns:** `(eps, log|det dF/deps|)` with `eps = F^{-1}(z, t, x)`."""
+
+    def inverse(self, z: Data, t: Time, x: Data, context: Context = None) -> Data:
+        return self.inverse_and_log_det(z, t, x, context)[0]
+
+    def log_prob(self, z: Data, t: Time, x: Data, context: Context = None) -> Scalar:
+        eps, log_det = self.inverse_and_log_det(z, t, x, context)
+        return standard_normal_log_prob(eps) - log_det
 
     def velocity(self, z: Data, t: Time, x: Data, context: Context = None) -> Data:
         eps = self.inverse(z, t, x, context)
@@ -189,7 +208,15 @@ class AbstractFlowProcess(AbstractForwardProcess):
     def velocity_and_score(
         self, z: Data, t: Time, x: Data, context: Context = None
     ) -> tuple[Data, Data]:
-        return self.velocity(z, t, x, context), self.score(z, t, x, context)
+        # One inverse pass serves both: the score is the gradient of the log-density
+        # and the recovered eps (its auxiliary output) seeds the velocity's JVP.
+        def log_prob_and_eps(y):
+            eps, log_det = self.inverse_and_log_det(y, t, x, context)
+            return standard_normal_log_prob(eps) - log_det, eps
+
+        score, eps = jax.grad(log_prob_and_eps, has_aux=True)(z)
+        _, dz = jax.jvp(lambda s: self(eps, s, x, context), (t,), (jnp.ones_like(t),))
+        return dz, score
 
     def sample_terms(
         self, eps: Data, t: Time, x: Data, context: Context = None

@@ -84,15 +84,21 @@ def _round_trip(process, eps, t, x, context):
 def check_log_det(
     process: AbstractForwardProcess, eps: Data, t, x: Data, context: Context = None
 ) -> None:
-    """`log_det_jacobian` equals $\\log|\\det|$ of the autodiff Jacobian in `eps`."""
+    """`log_det_jacobian` equals $\\log|\\det|$ of the autodiff Jacobian in `eps`,
+    and `log_prob` at $z = F(\\varepsilon)$ is $\\log\\mathcal{N}(\\varepsilon)$
+    minus it."""
     t = jnp.asarray(t, eps.dtype)
-    sign, expected, actual = _log_dets(process, eps, t, x, context)
+    sign, expected, actual, log_prob = _log_dets(process, eps, t, x, context)
     if float(sign) == 0:
         raise AssertionError(
             f"F is not invertible in eps here: det = 0 ({_where(t, x)})."
         )
     tol = _tolerance(eps.dtype)
     _assert_close("log-determinant", actual, expected, 10 * tol, 10 * tol, _where(t, x))
+    log_normal = -0.5 * jnp.sum(eps**2) - 0.5 * eps.size * math.log(2 * math.pi)
+    _assert_close(
+        "log_prob", log_prob, log_normal - expected, 10 * tol, 10 * tol, _where(t, x)
+    )
 
 
 @eqx.filter_jit
@@ -101,7 +107,9 @@ def _log_dets(process, eps, t, x, context):
         return process(e.reshape(eps.shape), t, x, context).reshape(-1)
 
     sign, expected = jnp.linalg.slogdet(jax.jacfwd(flat_map)(eps.reshape(-1)))
-    return sign, expected, process.log_det_jacobian(eps, t, x, context)
+    log_det = process.log_det_jacobian(eps, t, x, context)
+    log_prob = process.log_prob(process(eps, t, x, context), t, x, context)
+    return sign, expected, log_det, log_prob
 
 
 def check_velocity(

@@ -24,8 +24,9 @@ class WrongLogDet(nf.AbstractFlowProcess):
     def __call__(self, eps, t, x, context=None):
         return (1 - t) * x + (1 + t) * eps
 
-    def inverse(self, z, t, x, context=None):
-        return (z - (1 - t) * x) / (1 + t)
+    def inverse_and_log_det(self, z, t, x, context=None):
+        eps = (z - (1 - t) * x) / (1 + t)
+        return eps, self.log_det_jacobian(eps, t, x, context)
 
     def log_det_jacobian(self, eps, t, x, context=None):
         return 0.1 * jnp.sum(eps**2)
