@@ -59,9 +59,9 @@ class ReverseSolution(eqx.Module):
 
 
 def model_dtype(model) -> jnp.dtype:
-    """The floating dtype of the model's parameters (float32 if it has none)."""
+    """The floating dtype of the model's parameters (the default float if none)."""
     leaves = [x for x in jax.tree.leaves(model) if eqx.is_inexact_array(x)]
-    return leaves[0].dtype if leaves else jnp.dtype(jnp.float32)
+    return leaves[0].dtype if leaves else jnp.dtype(jnp.result_type(float))
 
 
 def _initial_noise(model, num_samples, z1, key, dtype) -> Array:
@@ -256,8 +256,7 @@ def sample_ode(
 
     - `solver`: `"euler"`, `"heun"` or `"tsit5"`.
     - `adaptive`: defaults to `True` for `"tsit5"` and `False` otherwise (a fixed grid
-      of `num_steps` steps; `num_steps` is then the number of function evaluations
-      for Euler, and half of it for Heun).
+      of `num_steps` steps: one drift evaluation per step for Euler, two for Heun).
     - `key`: used only to draw the initial noise.
 
     **Returns:** a [`nfdm_sciml.ReverseSolution`][].

@@ -179,3 +179,18 @@ def test_diffusion_objective_has_the_nelbo_gradient_for_nfdm_gaussian():
     assert np.isnan(terms.prior) and np.isnan(terms.reconstruction)
     with pytest.raises((ValueError, TypeError), match="objective"):
         model.batch_loss(xs, key=jr.key(15), objective="elbo")  # pyright: ignore
+
+
+@pytest.mark.parametrize("kind", nf.MODEL_KINDS)
+def test_build_model_kinds(kind):
+    model = nf.build_model(kind, 3, key=jr.key(16), width_size=8, depth=1)
+    xs = jr.normal(jr.key(17), (4, 3), jnp.float32)
+    loss, terms = model.batch_loss(xs, key=jr.key(18))
+    assert np.isfinite(float(loss)) and model.data_shape == (3,)
+    if kind in ("nfdm", "flow", "fmot"):
+        assert float(terms.prior) == 0.0
+
+
+def test_build_model_unknown_kind():
+    with pytest.raises(ValueError, match="Unknown model kind 'ndfm'; choose one of"):
+        nf.build_model("ndfm", 2, key=jr.key(0))
