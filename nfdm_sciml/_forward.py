@@ -177,11 +177,11 @@ class AbstractFlowProcess(AbstractForwardProcess):
 
     Subclasses implement `__call__`, `inverse_and_log_det` (the inverse map, with
     $\log|\det \partial_\varepsilon F|$ at the recovered $\varepsilon$, in one pass)
-    and `log_det_jacobian`. The velocity is
-    a `jax.jvp` of $F$ in $t$ at $\varepsilon = F^{-1}(z)$; the score is the gradient
-    of $\log \mathcal{N}(\varepsilon) - \log|\det \partial_\varepsilon F|$ with
-    respect to $z$; the prior KL is a single-sample estimate. Override
-    `prior_kl` with `0` when the process ends at $\mathcal{N}(0, I)$ exactly.
+    and `log_det_jacobian`. The velocity is a `jax.jvp` of $F$ in $t$ at
+    $\varepsilon = F^{-1}(z)$; the score is the gradient of
+    $\log \mathcal{N}(\varepsilon) - \log|\det \partial_\varepsilon F|$ with respect
+    to $z$; the prior KL is a single-sample estimate. Override `prior_kl` with `0`
+    when the process ends at $\mathcal{N}(0, I)$ exactly.
     """
 
     @abc.abstractmethod
