@@ -33,6 +33,12 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--clip",
+        type=float,
+        default=None,
+        help="clip gradients to this global norm (off in the authors' recipe)",
+    )
     parser.add_argument("--chunk", type=int, default=500, help="steps per jitted scan")
     parser.add_argument("--eval-size", type=int, default=2000)
     parser.add_argument("--eval-times", type=int, default=128)
@@ -42,8 +48,8 @@ def parse_args(argv=None):
     for name in ("steps", "batch", "chunk", "eval_size", "eval_times", "ode_size"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer")
-    if args.lr <= 0:
-        parser.error("--lr must be positive")
+    if args.lr <= 0 or (args.clip is not None and args.clip <= 0):
+        parser.error("--lr and --clip must be positive")
     return args
 
 
@@ -57,6 +63,8 @@ def main(argv=None) -> dict:
     mkey, tkey, ekey, skey = jr.split(jr.key(args.seed), 4)
     model = nf.build_model(args.model, 2, key=mkey)
     optimiser = optax.adam(args.lr)
+    if args.clip is not None:
+        optimiser = optax.chain(optax.clip_by_global_norm(args.clip), optimiser)
     opt_state = optimiser.init(eqx.filter(model, eqx.is_inexact_array))
     step = nf.make_train_step(optimiser)
 

@@ -4,8 +4,19 @@ import importlib.metadata
 
 from . import plotting as plotting, testing as testing
 from ._data import (
+    checkerboard as checkerboard,
     eight_gaussians as eight_gaussians,
     eight_gaussians_log_prob as eight_gaussians_log_prob,
+    load_array as load_array,
+    load_digits as load_digits,
+    moons as moons,
+    pinwheel as pinwheel,
+    rings as rings,
+    spirals as spirals,
+    Standardiser as Standardiser,
+    swiss_roll as swiss_roll,
+    toy_dataset as toy_dataset,
+    TOY_DATASETS as TOY_DATASETS,
 )
 from ._decoder import (
     AbstractDecoder as AbstractDecoder,
