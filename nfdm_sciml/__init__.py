@@ -3,6 +3,12 @@
 import importlib.metadata
 
 from . import plotting as plotting, testing as testing
+from ._checkpoint import (
+    CheckpointError as CheckpointError,
+    list_checkpoints as list_checkpoints,
+    load_checkpoint as load_checkpoint,
+    save_checkpoint as save_checkpoint,
+)
 from ._data import (
     checkerboard as checkerboard,
     eight_gaussians as eight_gaussians,
@@ -44,6 +50,13 @@ from ._predictor import (
     FunctionPredictor as FunctionPredictor,
     Predictor as Predictor,
 )
+from ._progress import (
+    AbstractProgress as AbstractProgress,
+    BarProgress as BarProgress,
+    default_progress as default_progress,
+    NoProgress as NoProgress,
+    TextProgress as TextProgress,
+)
 from ._recipes import build_model as build_model, MODEL_KINDS as MODEL_KINDS
 from ._solve import (
     ReverseSolution as ReverseSolution,
@@ -51,6 +64,11 @@ from ._solve import (
     sample_sde as sample_sde,
 )
 from ._train import make_train_step as make_train_step, run_steps as run_steps
+from ._trainer import (
+    TrainConfig as TrainConfig,
+    Trainer as Trainer,
+    TrainState as TrainState,
+)
 from ._volatility import (
     AbstractVolatility as AbstractVolatility,
     ConstantVolatility as ConstantVolatility,

@@ -1,0 +1,174 @@
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import nfdm_sciml as nf
+
+
+def _model(seed=0):
+    return nf.build_model("nfdm", 2, key=jr.key(seed), width_size=16, depth=2)
+
+
+def _sample(key):
+    return nf.eight_gaussians(key, 64, dtype=jnp.float64)
+
+
+def _config(**kwargs):
+    defaults = dict(steps=20, batch_size=64, steps_per_call=5, learning_rate=3e-3)
+    return nf.TrainConfig(**{**defaults, **kwargs})
+
+
+def test_fit_is_deterministic_and_learns():
+    trainer = nf.Trainer(_config(steps=200, steps_per_call=50, ema_decay=0.9))
+    state, records = trainer.fit(trainer.init(_model()), _sample)
+    again, records2 = trainer.fit(trainer.init(_model()), _sample)
+    assert [r["nelbo"] for r in records] == [r["nelbo"] for r in records2]
+    assert records[-1]["diffusion"] < 0.8 * records[0]["diffusion"]
+    assert int(state.step) == 200
+    # The average trails the parameters.
+    a = jax.tree.leaves(eqx.filter(state.model, eqx.is_inexact_array))[0]
+    e = jax.tree.leaves(eqx.filter(state.ema, eqx.is_inexact_array))[0]
+    assert not np.allclose(a, e)
+
+
+def test_chunking_does_not_change_the_run():
+    # Keys come from the step number, so 4 calls of 5 steps equal 2 calls of 10.
+    states = []
+    for per_call in (5, 10):
+        trainer = nf.Trainer(_config(steps_per_call=per_call))
+        states.append(trainer.fit(trainer.init(_model()), _sample)[0])
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(states[0], eqx.is_inexact_array)),
+        jax.tree.leaves(eqx.filter(states[1], eqx.is_inexact_array)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_warmup_and_cosine_schedule():
+    config = _config(
+        steps=100, warmup_steps=10, schedule="cosine", min_learning_rate=1e-5
+    )
+    schedule = config.learning_rate_schedule()
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(10)) == pytest.approx(3e-3)
+    assert float(schedule(100)) == pytest.approx(1e-5)
+    trainer = nf.Trainer(config)
+    _, records = trainer.fit(trainer.init(_model()), _sample)
+    rates = [r["learning_rate"] for r in records]
+    assert rates[0] < rates[1] and rates[-1] < rates[2]
+
+
+def test_resume_gives_identical_losses(tmp_path):
+    config = _config(steps=20, checkpoint_every=10, keep_checkpoints=5)
+    full = nf.Trainer(config, run_dir=tmp_path / "full")
+    _, records = full.fit(full.init(_model()), _sample)
+    checkpoint = tmp_path / "full" / "checkpoints" / "ckpt_00000010.eqx"
+    assert checkpoint.exists()
+
+    resumed = nf.Trainer(config, run_dir=tmp_path / "resumed")
+    like = resumed.init(_model(seed=99))  # a template: its values are replaced
+    state = resumed.restore(like, checkpoint)
+    assert int(state.step) == 10
+    _, tail = resumed.fit(state, _sample)
+    assert [r["step"] for r in tail] == [15, 20]
+    for r, expected in zip(tail, records[2:], strict=True):
+        assert r["nelbo"] == expected["nelbo"]
+        assert r["diffusion"] == expected["diffusion"]
+    lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [5, 10, 15, 20]
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["steps"] == 20
+
+
+def test_evaluation_and_progress(tmp_path):
+    stream = io.StringIO()
+    trainer = nf.Trainer(
+        _config(eval_every=10), run_dir=tmp_path, progress=nf.TextProgress(stream)
+    )
+    held_out = nf.eight_gaussians(jr.key(5), 32, dtype=jnp.float64)
+
+    def evaluate(model, step):
+        estimate = nf.nelbo_estimate(model, held_out, key=jr.key(step), num_times=4)
+        return {"nelbo": float(estimate.nats)}
+
+    _, records = trainer.fit(trainer.init(_model()), _sample, evaluate=evaluate)
+    assert "eval/nelbo" in records[1] and "eval/nelbo" not in records[0]
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("step 20/20")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("steps", 0),
+        ("batch_size", -1),
+        ("learning_rate", 0.0),
+        ("schedule", "step"),
+        ("clip_norm", 0.0),
+        ("ema_decay", 1.0),
+        ("eval_every", 7),
+        ("objective", "elbo"),
+    ],
+)
+def test_bad_config(field, value, no_typecheck):
+    with pytest.raises(ValueError, match=field):
+        _config(**{field: value})
+
+
+def test_batch_not_divisible_by_devices(no_typecheck):
+    devices = [jax.devices()[0]] * 3
+    with pytest.raises(ValueError, match="divisible by the number of devices"):
+        nf.Trainer(_config(batch_size=64), devices=devices)
+
+
+def test_sharded_training_equals_single_device():
+    # A separate process: the host platform must be split into 4 devices before JAX
+    # starts.
+    script = textwrap.dedent(
+        """
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp, jax.random as jr, numpy as np, equinox as eqx
+        import nfdm_sciml as nf
+        assert len(jax.devices()) == 4
+        def run(devices):
+            config = nf.TrainConfig(steps=6, batch_size=64, steps_per_call=3)
+            trainer = nf.Trainer(config, devices=devices)
+            model = nf.build_model("nfdm", 2, key=jr.key(0), width_size=16, depth=2)
+            sample = lambda k: nf.eight_gaussians(k, 64, dtype=jnp.float64)
+            state, records = trainer.fit(trainer.init(model), sample)
+            return state, records
+        sharded, rs = run(jax.devices())
+        single, r1 = run(jax.devices()[:1])
+        for a, b in zip(rs, r1):
+            np.testing.assert_allclose(a["nelbo"], b["nelbo"], rtol=1e-10)
+        for a, b in zip(jax.tree.leaves(eqx.filter(sharded, eqx.is_inexact_array)),
+                        jax.tree.leaves(eqx.filter(single, eqx.is_inexact_array))):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+        print("ok")
+        """
+    )
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
