@@ -1,0 +1,769 @@
+"""The `nfdm` command line: train, sample, evaluate and plot runs from a TOML config.
+
+This is the reporting layer of the package: the library itself prints nothing, and
+everything a run shows on the terminal is written here. A run lives in one folder,
+
+    <dir>/config.toml      the resolved configuration (rerunnable with --config)
+    <dir>/config.json      the TrainConfig, as the Trainer writes it
+    <dir>/metrics.jsonl    one record per chunk of training steps
+    <dir>/checkpoints/     ckpt_<step>.eqx, the newest few
+    <dir>/summary.json     held-out likelihoods and timings after `train`
+    <dir>/evaluation.json  the same likelihoods, recomputed by `evaluate`
+    <dir>/*.png            the figures
+
+User errors (a bad config, an unknown data set, a wrong type) print one line
+`nfdm: error: ...` and exit with status 2; failures of a valid command (a corrupt
+checkpoint, an unreadable run folder) print one line and exit with status 1.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from matplotlib.figure import Figure
+
+from . import plotting
+from ._checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from ._data import load_array, load_digits, Standardiser, toy_dataset, TOY_DATASETS
+from ._likelihood import nelbo_estimate, ode_log_likelihood
+from ._model import NFDM
+from ._progress import default_progress
+from ._recipes import build_model, MODEL_KINDS
+from ._solve import sample_ode, sample_sde
+from ._trainer import TrainConfig, Trainer, TrainState
+
+
+class _UsageError(Exception):
+    """A mistake in the command or its configuration: exit status 2."""
+
+
+class _RunError(Exception):
+    """A valid command that could not be carried out: exit status 1."""
+
+
+# Keys whose value may be "none" (TOML has no null), mapped to Python's None.
+_OPTIONAL = {
+    ("train", "clip_norm"),
+    ("train", "ema_decay"),
+    ("train", "eval_every"),
+    ("train", "checkpoint_every"),
+}
+_TRAIN_DEFAULTS = {
+    field.name: field.default for field in dataclasses.fields(TrainConfig)
+} | {"steps": 3000, "batch_size": 1024, "steps_per_call": 500}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {
+        "name": "eight_gaussians",
+        "path": "",
+        "columns": [],
+        "standardise": False,
+        "eval_size": 2000,
+    },
+    "model": {"kind": "nfdm", "width_size": 64, "depth": 4, "delta": 0.01},
+    "train": _TRAIN_DEFAULTS,
+    "eval": {"num_times": 128, "ode_size": 500, "sample_size": 4096, "sde_steps": 300},
+    "run": {"dir": "runs/demo"},
+}
+_ARRAY_EXTENSIONS = (".npy", ".npz", ".csv", ".h5ad")
+_PATHS = 16  # trajectories drawn in the 2D figure
+
+
+#
+# Configuration: defaults, TOML files and --set overrides, checked key by key.
+#
+
+
+def _type_name(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    return names.get(type(value), "a list")
+
+
+def _check_value(section: str, key: str, value: Any) -> Any:
+    default = DEFAULTS[section][key]
+    optional = (section, key) in _OPTIONAL
+    if optional and isinstance(value, str) and value.lower() == "none":
+        return None
+    if default is None:  # an optional key whose default is None: use its kind
+        default = 1.0 if key == "clip_norm" else 1
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int | float):
+        # Integers are accepted where a float is expected, never the other way.
+        kinds = int if isinstance(default, int) else int | float
+        ok = isinstance(value, kinds) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        extra = ' or "none"' if optional else ""
+        raise _UsageError(
+            f"`{section}.{key}` must be {_type_name(default)}{extra}, got {value!r}."
+        )
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(value, list) and not all(
+        isinstance(c, str | int) and not isinstance(c, bool) for c in value
+    ):
+        raise _UsageError(
+            f"`{section}.{key}` must list column names or indices, got {value!r}."
+        )
+    return value
+
+
+def _set(config: dict[str, dict[str, Any]], section: str, key: str, value: Any):
+    if section not in DEFAULTS:
+        raise _UsageError(
+            f"Unknown config section [{section}]; the sections are "
+            f"{', '.join(DEFAULTS)}."
+        )
+    if key not in DEFAULTS[section]:
+        raise _UsageError(
+            f"Unknown key `{key}` in [{section}]; its keys are "
+            f"{', '.join(DEFAULTS[section])}."
+        )
+    config[section][key] = _check_value(section, key, value)
+
+
+def _parse_literal(text: str) -> Any:
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise _UsageError(f"No config file at {str(path)!r}.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise _UsageError(f"Cannot read the config file {str(path)!r}: {err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise _UsageError(f"{str(path)!r} is not valid TOML: {err}.") from None
+
+
+def resolve_config(
+    file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    shortcuts: dict[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The run configuration: the defaults, then `file`, then `--set` overrides, then
+    the shortcut options (`{"train.steps": 100, ...}`), each checked as it is set."""
+    config = {section: dict(values) for section, values in DEFAULTS.items()}
+    if file is not None:
+        for section, values in _read_toml(Path(file)).items():
+            if not isinstance(values, dict):
+                raise _UsageError(
+                    f"`{section}` in {str(file)!r} must be a [section] of keys."
+                )
+            for key, value in values.items():
+                _set(config, section, key, value)
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot:
+            raise _UsageError(
+                f"`--set {item}` must read section.key=value, e.g. train.steps=500."
+            )
+        _set(config, section, key, _parse_literal(text.strip()))
+    for name, value in (shortcuts or {}).items():
+        section, _, key = name.partition(".")
+        _set(config, section, key, value)
+    return config
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return '"none"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+
+
+def write_config(config: dict[str, dict[str, Any]], path: Path) -> None:
+    """Writes a resolved configuration as TOML (flat sections of plain values)."""
+    lines = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+def _train_config(config: dict[str, dict[str, Any]]) -> TrainConfig:
+    try:
+        return TrainConfig(**config["train"])
+    except (TypeError, ValueError) as err:
+        raise _UsageError(f"[train] {err}") from None
+
+
+#
+# Data: a training sampler that runs inside the jitted scan, and held-out examples.
+#
+
+
+@dataclasses.dataclass
+class _Data:
+    sample_batch: Callable  # key -> batch of training examples, in model units
+    held_out: np.ndarray  # eval_size examples, in the original units
+    standardiser: Standardiser | None
+    info: dict[str, Any]
+
+    @property
+    def dim(self) -> int:
+        return int(self.held_out.shape[1])
+
+    def to_model(self, x) -> jax.Array:
+        x = jnp.asarray(x)
+        return x if self.standardiser is None else self.standardiser.transform(x)
+
+    def to_data(self, z) -> np.ndarray:
+        z = jnp.asarray(z)
+        return np.asarray(
+            z if self.standardiser is None else self.standardiser.inverse(z)
+        )
+
+
+def _float_dtype() -> np.dtype:
+    # The models' parameters take JAX's default float dtype, so the data does too.
+    return np.dtype(jnp.result_type(float))
+
+
+def _load_data(config: dict[str, dict[str, Any]]) -> _Data:
+    data, train = config["data"], config["train"]
+    name, eval_size, seed = data["name"], data["eval_size"], train["seed"]
+    batch_size, dtype = train["batch_size"], _float_dtype()
+    if eval_size < 1:
+        raise _UsageError(f"`data.eval_size` must be positive, got {eval_size}.")
+    if not 0 < config["eval"]["ode_size"] <= eval_size:
+        raise _UsageError(
+            f"`eval.ode_size` must lie in [1, data.eval_size = {eval_size}], got "
+            f"{config['eval']['ode_size']}."
+        )
+    for key in ("num_times", "sample_size", "sde_steps"):
+        if config["eval"][key] < 1:
+            raise _UsageError(f"`eval.{key}` must be positive.")
+    # The data keys are folded from the seed apart from the Trainer's own key.
+    held_key, fit_key = jr.split(jr.fold_in(jr.key(seed), 1))
+
+    if name in TOY_DATASETS:
+        sampler = toy_dataset(name)
+        held_out = np.asarray(sampler(held_key, eval_size, dtype=dtype))
+        standardiser = (
+            Standardiser.fit(sampler(fit_key, 10_000, dtype=dtype))
+            if data["standardise"]
+            else None
+        )
+
+        def sample_toy(key):
+            x = sampler(key, batch_size, dtype=dtype)
+            return x if standardiser is None else standardiser.transform(x)
+
+        info = {"name": name, "kind": "toy", "dim": 2}
+        return _Data(sample_toy, held_out, standardiser, info)
+
+    if name == "digits":
+        array = load_digits(dtype=dtype)
+    elif name == "file":
+        if not data["path"]:
+            raise _UsageError('`data.name = "file"` needs `data.path`.')
+        try:
+            array = load_array(
+                data["path"], columns=data["columns"] or None, dtype=dtype
+            )
+        except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+            raise _UsageError(str(err)) from None
+    else:
+        raise _UsageError(
+            f"Unknown data set {name!r}; choose one of {', '.join(TOY_DATASETS)}, "
+            '"digits", or "file" with `data.path`.'
+        )
+    n = array.shape[0]
+    if eval_size >= n:
+        raise _UsageError(
+            f"`data.eval_size` ({eval_size}) must be below the number of examples "
+            f"({n}), so that some are left to train on."
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    held_out, train_x = array[order[:eval_size]], array[order[eval_size:]]
+    standardiser = Standardiser.fit(train_x) if data["standardise"] else None
+    on_device = jnp.asarray(
+        train_x if standardiser is None else standardiser.transform(train_x)
+    )
+
+    def sample_rows(key):
+        return on_device[jr.randint(key, (batch_size,), 0, on_device.shape[0])]
+
+    info = {
+        "name": name,
+        "kind": "array",
+        "path": data["path"],
+        "dim": int(array.shape[1]),
+        "train_size": int(train_x.shape[0]),
+        "eval_size": eval_size,
+    }
+    return _Data(sample_rows, held_out, standardiser, info)
+
+
+#
+# Model and run folder.
+#
+
+
+def _build(config: dict[str, dict[str, Any]], dim: int) -> NFDM:
+    model = config["model"]
+    if model["kind"] not in MODEL_KINDS:
+        raise _UsageError(
+            f"Unknown model kind {model['kind']!r}; choose one of "
+            f"{', '.join(MODEL_KINDS)}."
+        )
+    for key in ("width_size", "depth"):
+        if model[key] < 1:
+            raise _UsageError(f"`model.{key}` must be positive, got {model[key]}.")
+    if not model["delta"] > 0:
+        raise _UsageError(f"`model.delta` must be positive, got {model['delta']}.")
+    try:
+        return build_model(
+            model["kind"],
+            dim,
+            key=jr.key(config["train"]["seed"]),
+            width_size=model["width_size"],
+            depth=model["depth"],
+            delta=model["delta"],
+        )
+    except (TypeError, ValueError) as err:
+        raise _UsageError(str(err)) from None
+
+
+@dataclasses.dataclass
+class _Run:
+    dir: Path
+    config: dict[str, dict[str, Any]]
+    data: _Data
+    trainer: Trainer
+    state: TrainState
+
+    @property
+    def model(self) -> NFDM:
+        return self.state.ema if self.state.ema is not None else self.state.model
+
+
+def _open_run(run_dir: str) -> _Run:
+    """Rebuilds a finished run from its config.toml and newest checkpoint."""
+    path = Path(run_dir)
+    if not (path / "config.toml").is_file():
+        raise _RunError(
+            f"{run_dir!r} holds no config.toml; is it an `nfdm` run folder?"
+        )
+    try:
+        config = resolve_config(path / "config.toml")
+    except _UsageError as err:
+        raise _RunError(f"{run_dir}/config.toml is unusable: {err}") from None
+    data = _load_data(config)
+    trainer = Trainer(_train_config(config), run_dir=path)
+    like = trainer.init(_build(config, data.dim))
+    state, header = load_checkpoint(path / "checkpoints", like)
+    saved = header["metadata"].get("standardiser")
+    if saved is not None:
+        data.standardiser = Standardiser(
+            np.asarray(saved["mean"], _float_dtype()),
+            np.asarray(saved["scale"], _float_dtype()),
+        )
+    return _Run(path, config, data, trainer, state)
+
+
+#
+# Evaluation, sampling and figures.
+#
+
+
+def evaluate_run(run: _Run, key) -> dict[str, float]:
+    """Held-out NELBO (stratified times) and ODE NLL, in nats and bits/dim, in the
+    units of the original data (the standardisation's log-Jacobian is added back)."""
+    nelbo_key, ode_key = jr.split(key)
+    xs = run.data.to_model(run.data.held_out)
+    nelbo = nelbo_estimate(
+        run.model, xs, key=nelbo_key, num_times=run.config["eval"]["num_times"]
+    )
+    ode = ode_log_likelihood(
+        run.model, xs[: run.config["eval"]["ode_size"]], key=ode_key
+    )
+    std = run.data.standardiser
+    shift = 0.0 if std is None else float(jnp.sum(jnp.log(std.scale)))
+    per_bit = run.data.dim * math.log(2)
+    out = {}
+    for name, estimate in (("nelbo", nelbo), ("ode_nll", ode)):
+        nats = float(estimate.nats) + shift
+        out[f"{name}_nats"] = nats
+        out[f"{name}_nats_stderr"] = float(estimate.nats_stderr)
+        out[f"{name}_bits_per_dim"] = nats / per_bit
+        out[f"{name}_bits_per_dim_stderr"] = float(estimate.nats_stderr) / per_bit
+    return out
+
+
+def _digits_grid(samples: np.ndarray, path: Path, title: str) -> Path:
+    # The digits are 8 x 8 images with pixels in [-1, 1] (see `load_digits`).
+    images = np.clip(samples[:64].reshape(-1, 8, 8), -1, 1)
+    fig = Figure(figsize=(6, 6))
+    axes = np.atleast_1d(fig.subplots(8, 8)).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, image in zip(axes, images, strict=False):
+        ax.imshow(image, cmap="gray_r", vmin=-1, vmax=1)
+    fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def draw_figures(run: _Run, key) -> dict[str, str]:
+    """The loss curve from metrics.jsonl; for 2D data samples beside the data and
+    reverse-SDE trajectories; for digits a grid of samples."""
+    kind, figures = run.config["model"]["kind"], {}
+    records = [r for r in _read_metrics(run.dir) if "step" in r]
+    curves = {
+        name: ([float(r["step"]) for r in records], [r[name] for r in records])
+        for name in ("nelbo", "diffusion")
+        if records and all(name in r for r in records)
+    }
+    if curves:
+        figures["loss"] = plotting.plot_curves(
+            curves, run.dir / "loss.png", title=f"{kind}: training loss per chunk"
+        )
+    steps = run.config["eval"]["sde_steps"]
+    if run.data.dim == 2:
+        solution = sample_sde(
+            run.model,
+            run.config["eval"]["sample_size"],
+            key=key,
+            num_steps=steps,
+            num_saves=61,
+        )
+        assert solution.trajectories is not None
+        # An undertrained model can send some paths to infinity; those are left out of
+        # the figures (and counted in their titles) rather than breaking the axes.
+        samples = run.data.to_data(solution.samples)
+        paths = run.data.to_data(solution.trajectories)
+        finite = np.all(np.isfinite(paths), axis=(1, 2))
+        dropped = (
+            f" ({int(np.sum(~finite))} non-finite left out)" if not finite.all() else ""
+        )
+        if finite.any():
+            figures["samples"] = plotting.plot_samples_2d(
+                run.data.held_out,
+                {f"SDE ({steps} Euler-Maruyama steps)": samples[finite]},
+                run.dir / "samples.png",
+                title=f"{kind}: held-out data and samples{dropped}",
+            )
+            figures["trajectories"] = plotting.plot_trajectories_2d(
+                {"reverse SDE z1 -> x": paths[finite][:_PATHS]},
+                run.dir / "trajectories.png",
+                title=f"{kind}: trajectories{dropped}",
+            )
+    elif run.data.info["name"] == "digits":
+        solution = sample_sde(run.model, 64, key=key, num_steps=steps)
+        figures["samples"] = _digits_grid(
+            run.data.to_data(solution.samples),
+            run.dir / "samples.png",
+            f"{kind}: SDE samples",
+        )
+    return {name: str(path) for name, path in figures.items()}
+
+
+#
+# Commands.
+#
+
+
+def _write(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _shortcuts(args: argparse.Namespace) -> dict[str, Any]:
+    out = {}
+    if args.steps is not None:
+        out["train.steps"] = args.steps
+    if args.seed is not None:
+        out["train.seed"] = args.seed
+    if args.out is not None:
+        out["run.dir"] = args.out
+    if args.model is not None:
+        out["model.kind"] = args.model
+    if args.data is not None:
+        if args.data.lower().endswith(_ARRAY_EXTENSIONS):
+            out["data.name"], out["data.path"] = "file", args.data
+        else:
+            out["data.name"] = args.data
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = resolve_config(args.config, args.set, _shortcuts(args))
+    train_config = _train_config(config)
+    run_dir = Path(config["run"]["dir"])
+    data = _load_data(config)
+    model = _build(config, data.dim)
+    found = list_checkpoints(run_dir / "checkpoints") if run_dir.is_dir() else []
+    if found and not args.resume:
+        raise _UsageError(
+            f"{run_dir} already holds checkpoints; pass --resume to continue that run, "
+            "or choose another folder with --out."
+        )
+    std = data.standardiser
+    metadata = {
+        "data": data.info,
+        "model": config["model"],
+        "standardiser": None
+        if std is None
+        else {
+            "mean": np.asarray(std.mean).tolist(),
+            "scale": np.asarray(std.scale).tolist(),
+        },
+    }
+    trainer = Trainer(
+        train_config, run_dir=run_dir, progress=default_progress(), metadata=metadata
+    )
+    state = trainer.init(model)
+    if found:
+        state = trainer.restore(state)
+        if int(state.step) > train_config.steps:
+            raise _UsageError(
+                f"The newest checkpoint is at step {int(state.step)}, beyond "
+                f"train.steps = {train_config.steps}; raise train.steps to resume."
+            )
+    elif (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()  # left by a run that saved no checkpoint
+    write_config(config, run_dir / "config.toml")
+
+    eval_key, sample_key, hook_key = jr.split(
+        jr.fold_in(jr.key(train_config.seed), 2), 3
+    )
+    held_out = data.to_model(data.held_out[:512])
+
+    def hook(model, step):
+        estimate = nelbo_estimate(
+            model, held_out, key=hook_key, num_times=config["eval"]["num_times"]
+        )
+        return {"nelbo_nats": float(estimate.nats)}
+
+    start_step, t0 = int(state.step), time.perf_counter()
+    state, _ = trainer.fit(state, data.sample_batch, evaluate=hook)
+    train_seconds = time.perf_counter() - t0
+    run = _Run(run_dir, config, data, trainer, state)
+    results = evaluate_run(run, eval_key)
+    figures = draw_figures(run, sample_key)
+    summary = {
+        "model": config["model"]["kind"],
+        "data": data.info,
+        "steps": train_config.steps,
+        "steps_this_call": train_config.steps - start_step,
+        "train_seconds": train_seconds,
+        **results,
+        "figures": figures,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    s = summary
+    _write(
+        f"{s['model']} on {data.info['name']}: {s['steps']} steps "
+        f"({s['steps_this_call']} now, {train_seconds:.1f} s)"
+    )
+    _write(
+        f"held-out NELBO {s['nelbo_nats']:.3f} ± {s['nelbo_nats_stderr']:.3f} nats "
+        f"({s['nelbo_bits_per_dim']:.3f} bits/dim)"
+    )
+    _write(
+        f"ODE NLL {s['ode_nll_nats']:.3f} ± {s['ode_nll_nats_stderr']:.3f} nats "
+        f"({s['ode_nll_bits_per_dim']:.3f} bits/dim)"
+    )
+    _write(f"run folder: {run_dir}")
+    _write("figures: " + (", ".join(figures.values()) or "none for this data"))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    if args.num < 1 or args.steps < 1:
+        raise _UsageError("--num and --steps must be positive.")
+    run = _open_run(args.run_dir)
+    key = jr.fold_in(jr.key(args.seed), 3)
+    if args.ode:
+        solution = sample_ode(
+            run.model, args.num, key=key, solver="euler", num_steps=args.steps
+        )
+    else:
+        solution = sample_sde(run.model, args.num, key=key, num_steps=args.steps)
+    out = Path(args.out) if args.out else run.dir / "samples.npy"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, run.data.to_data(solution.samples))
+    _write(f"wrote {args.num} {'ODE' if args.ode else 'SDE'} samples to {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    run = _open_run(args.run_dir)
+    results = {"step": int(run.state.step), **evaluate_run(run, jr.key(args.seed))}
+    text = json.dumps(results, indent=2)
+    (run.dir / "evaluation.json").write_text(text)
+    _write(text)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    run = _open_run(args.run_dir)
+    figures = draw_figures(run, jr.key(args.seed))
+    _write("figures: " + (", ".join(figures.values()) or "none for this data"))
+    return 0
+
+
+#
+# Argument parsing and the entry point.
+#
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        raise _UsageError(message)
+
+
+_TRAIN_HELP = """Train a model, then evaluate it, sample it and draw figures.
+
+Writes to the run folder (run.dir, default runs/demo): config.toml (the resolved
+config), config.json, metrics.jsonl, checkpoints/ckpt_<step>.eqx, summary.json
+(held-out NELBO and ODE NLL in nats and bits/dim) and PNG figures (loss.png; for 2D
+data samples.png and trajectories.png; for digits a samples.png grid).
+
+Config sections and keys (defaults in brackets):
+  [data]  name (eight_gaussians; a toy set, "digits" or "file"), path, columns,
+          standardise (false), eval_size (2000)
+  [model] kind (nfdm; nfdm/flow/fmot/vdm), width_size (64), depth (4), delta (0.01)
+  [train] every TrainConfig field: steps (3000), batch_size (1024),
+          learning_rate (1e-3), steps_per_call (500), ema_decay (0.999), seed (0), ...
+          ("none" turns clip_norm, ema_decay, eval_every, checkpoint_every off)
+  [eval]  num_times (128), ode_size (500), sample_size (4096), sde_steps (300)
+  [run]   dir (runs/demo)
+"""
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="a TOML config file (see above)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one key; the value is a TOML literal (repeatable)",
+    )
+    parser.add_argument("--steps", type=int, help="shortcut for train.steps")
+    parser.add_argument("--seed", type=int, help="shortcut for train.seed")
+    parser.add_argument("--out", help="shortcut for run.dir, the run folder")
+    parser.add_argument(
+        "--data", help="shortcut for data.name (a .csv/.npy/.npz/.h5ad path: a file)"
+    )
+    parser.add_argument("--model", help="shortcut for model.kind")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint of the run folder",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog="nfdm",
+        description="Neural flow diffusion models: train, sample, evaluate and plot "
+        "runs. Without a command, runs `demo`.",
+        formatter_class=fmt,
+    )
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    for name, summary in (
+        ("train", "train, evaluate, sample and plot a run from a config"),
+        ("demo", "`train` with the built-in defaults (8 Gaussians, nfdm, runs/demo)"),
+    ):
+        p = sub.add_parser(
+            name, help=summary, description=_TRAIN_HELP, formatter_class=fmt
+        )
+        _add_run_options(p)
+        p.set_defaults(handler=cmd_train)
+    p = sub.add_parser(
+        "sample",
+        help="draw samples from a trained run",
+        description="Rebuild the model from RUN_DIR/config.toml and its newest "
+        "checkpoint (the EMA model), sample it, undo the standardisation and save a "
+        ".npy array of shape (num, features) (default RUN_DIR/samples.npy).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--num", type=int, default=1000, help="number of samples (1000)")
+    p.add_argument("--ode", action="store_true", help="the ODE (Euler) instead of SDE")
+    p.add_argument("--steps", type=int, default=300, help="solver steps (300)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    p.add_argument("--out", metavar="FILE.npy", help="where to save the samples")
+    p.set_defaults(handler=cmd_sample)
+    p = sub.add_parser(
+        "evaluate",
+        help="recompute held-out likelihoods of a run",
+        description="Recompute the held-out NELBO and ODE NLL (nats and bits/dim) of "
+        "RUN_DIR's newest checkpoint; print them as JSON and write "
+        "RUN_DIR/evaluation.json.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed (0)")
+    p.set_defaults(handler=cmd_evaluate)
+    p = sub.add_parser(
+        "plot",
+        help="redraw the figures of a run",
+        description="Redraw RUN_DIR's figures (loss.png from metrics.jsonl; "
+        "samples.png and trajectories.png from the newest checkpoint) in RUN_DIR.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    p.set_defaults(handler=cmd_plot)
+    return parser
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the `nfdm` command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["demo", *argv]
+    try:
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as exit_:  # --help
+            return exit_.code if isinstance(exit_.code, int) else 0
+        return args.handler(args)
+    except _UsageError as err:
+        sys.stderr.write(f"nfdm: error: {_one_line(err)}\n")
+        return 2
+    except (_RunError, CheckpointError, OSError, ValueError) as err:
+        sys.stderr.write(f"nfdm: error: {_one_line(err)}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
