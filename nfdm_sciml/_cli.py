@@ -61,7 +61,7 @@ _OPTIONAL = {
 }
 _TRAIN_DEFAULTS = {
     field.name: field.default for field in dataclasses.fields(TrainConfig)
-} | {"steps": 3000, "batch_size": 1024, "steps_per_call": 500}
+} | {"steps": 3000, "batch_size": 1024, "steps_per_call": 500, "ema_decay": 0.99}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {
         "name": "eight_gaussians",

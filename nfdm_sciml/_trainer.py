@@ -36,7 +36,7 @@ class TrainConfig:
       `min_learning_rate` at `steps`.
     - `clip_norm`: clip gradients to this global norm (`None`: no clipping).
     - `ema_decay`: decay of the parameter average used for evaluation and sampling
-      (`None`: no average).
+      (`None`: no average); it ramps up from 0.1 as `(1 + step) / (10 + step)`.
     - `steps_per_call`: steps per jitted `lax.scan`; host work (metrics, progress,
       checkpoints, evaluation) happens only between calls.
     - `eval_every`, `checkpoint_every`: in steps (multiples of `steps_per_call`);
@@ -152,9 +152,13 @@ def _train_chunk(step_fn, sample_batch, ema_decay, sharding, state, num_steps):
         )
         params = eqx.filter(model, eqx.is_array)
         if ema is not None:
+            # The decay ramps up as (1 + n) / (10 + n), so that early in a run the
+            # average is not dominated by the initial parameters.
+            n = step.astype(jnp.float32)
+            decay = jnp.minimum(ema_decay, (1 + n) / (10 + n))
             ema = jax.tree.map(
                 lambda e, p: (
-                    ema_decay * e + (1 - ema_decay) * p
+                    decay.astype(e.dtype) * e + (1 - decay.astype(e.dtype)) * p
                     if jnp.issubdtype(p.dtype, jnp.inexact)
                     else p
                 ),

@@ -172,3 +172,21 @@ def test_sharded_training_equals_single_device():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_ema_follows_its_warm_up():
+    # After one step the decay is min(0.5, 1/10) = 0.1; after two, min(0.5, 2/11).
+    trainer = nf.Trainer(_config(steps=2, steps_per_call=1, ema_decay=0.5))
+    start = trainer.init(_model())
+    one, _ = trainer.fit(start, _sample, until=1)
+    two, _ = trainer.fit(one, _sample)
+
+    def leaf(module):
+        return jax.tree.leaves(eqx.filter(module, eqx.is_inexact_array))[0]
+
+    expected_one = 0.1 * leaf(start.model) + 0.9 * leaf(one.model)
+    # The decay itself is computed in float32.
+    np.testing.assert_allclose(leaf(one.ema), expected_one, rtol=1e-6)
+    d = 2 / 11
+    expected_two = d * expected_one + (1 - d) * leaf(two.model)
+    np.testing.assert_allclose(leaf(two.ema), expected_two, rtol=1e-6)
