@@ -658,7 +658,7 @@ Config sections and keys (defaults in brackets):
           standardise (false), eval_size (2000)
   [model] kind (nfdm; nfdm/flow/fmot/vdm), width_size (64), depth (4), delta (0.01)
   [train] every TrainConfig field: steps (8000), batch_size (1024),
-          learning_rate (1e-3), steps_per_call (500), ema_decay (0.999), seed (0), ...
+          learning_rate (1e-3), steps_per_call (500), ema_decay (0.99), seed (0), ...
           ("none" turns clip_norm, ema_decay, eval_every, checkpoint_every off)
   [eval]  num_times (128), ode_size (500), sample_size (4096), sde_steps (300)
   [run]   dir (runs/demo)
