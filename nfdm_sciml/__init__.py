@@ -65,6 +65,7 @@ from ._solve import (
 )
 from ._train import make_train_step as make_train_step, run_steps as run_steps
 from ._trainer import (
+    initialise_distributed as initialise_distributed,
     TrainConfig as TrainConfig,
     Trainer as Trainer,
     TrainState as TrainState,

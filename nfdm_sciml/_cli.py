@@ -41,7 +41,13 @@ from ._model import NFDM
 from ._progress import default_progress
 from ._recipes import build_model, MODEL_KINDS
 from ._solve import sample_ode, sample_sde
-from ._trainer import TrainConfig, Trainer, TrainState
+from ._trainer import (
+    _to_host,
+    initialise_distributed,
+    TrainConfig,
+    Trainer,
+    TrainState,
+)
 
 
 class _UsageError(Exception):
@@ -520,6 +526,15 @@ def _shortcuts(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.num_processes > 1:
+        # Before any other JAX work: join the other processes of a multi-host run.
+        try:
+            initialise_distributed(
+                args.coordinator or "", args.num_processes, args.process_id
+            )
+        except ValueError as err:
+            raise _UsageError(str(err)) from err
+    main_process = jax.process_index() == 0
     config = resolve_config(args.config, args.set, _shortcuts(args))
     train_config = _train_config(config)
     run_dir = Path(config["run"]["dir"])
@@ -553,9 +568,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"The newest checkpoint is at step {int(state.step)}, beyond "
                 f"train.steps = {train_config.steps}; raise train.steps to resume."
             )
-    elif (run_dir / "metrics.jsonl").exists():
+    elif main_process and (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()  # left by a run that saved no checkpoint
-    write_config(config, run_dir / "config.toml")
+    if main_process:
+        write_config(config, run_dir / "config.toml")
 
     eval_key, sample_key, hook_key = jr.split(
         jr.fold_in(jr.key(train_config.seed), 2), 3
@@ -569,8 +585,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         return {"nelbo_nats": float(estimate.nats)}
 
     start_step, t0 = int(state.step), time.perf_counter()
-    state, _ = trainer.fit(state, data.sample_batch, evaluate=hook)
+    # With several processes the model is sharded across them during training; the
+    # held-out evaluation hook runs only in single-process runs.
+    single = jax.process_count() == 1
+    state, _ = trainer.fit(state, data.sample_batch, evaluate=hook if single else None)
     train_seconds = time.perf_counter() - t0
+    if not main_process:
+        return 0
+    # Evaluation, sampling and figures run on the first process's own devices.
+    state = _to_host(state)
     run = _Run(run_dir, config, data, trainer, state)
     results = evaluate_run(run, eval_key)
     figures = draw_figures(run, sample_key)
@@ -685,6 +708,23 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="continue from the newest checkpoint of the run folder",
+    )
+    parser.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="multi-host training: the address of process 0 (with --num-processes)",
+    )
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        help="multi-host training: how many processes run this same command",
+    )
+    parser.add_argument(
+        "--process-id",
+        type=int,
+        default=0,
+        help="multi-host training: this process's index, 0 to num-processes - 1",
     )
 
 

@@ -215,7 +215,9 @@ class Trainer:
         self.progress = progress or NoProgress()
         self.metadata = dict(metadata or {})
         self.step_fn = make_train_step(config.optimiser(), objective=config.objective)
-        devices = list(jax.local_devices() if devices is None else devices)
+        # All devices of all processes: with `jax.distributed` initialised, every
+        # process runs this same program on its share of each batch.
+        devices = list(jax.devices() if devices is None else devices)
         if len(devices) > 1:
             if config.batch_size % len(devices):
                 raise ValueError(
@@ -242,8 +244,24 @@ class Trainer:
     def _place(self, state: TrainState) -> TrainState:
         if self.state_sharding is None:
             return state
-        arrays, static = eqx.partition(state, eqx.is_array)
-        return eqx.combine(jax.device_put(arrays, self.state_sharding), static)
+        sharding = self.state_sharding
+        if jax.process_count() == 1:
+            arrays, static = eqx.partition(state, eqx.is_array)
+            return eqx.combine(jax.device_put(arrays, sharding), static)
+
+        # Several processes: every process holds the same full value (same seed, same
+        # checkpoint), from which each builds the shards on its own devices.
+        def place(x):
+            if not eqx.is_array(x):
+                return x
+            if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+                return jr.wrap_key_data(place(jr.key_data(x)))
+            value = _local_value(x)
+            return jax.make_array_from_callback(
+                value.shape, sharding, lambda index: value[index]
+            )
+
+        return jax.tree.map(place, state, is_leaf=eqx.is_array)
 
     def restore(self, like: TrainState, path: str | Path | None = None) -> TrainState:
         """Loads the newest checkpoint of the run folder (or `path`) into a state
@@ -258,14 +276,19 @@ class Trainer:
         return self._place(state)
 
     def save(self, state: TrainState) -> Path:
-        """Writes a checkpoint of `state` to the run folder."""
+        """Writes a checkpoint of `state` to the run folder (from the first process
+        only, when several processes train together)."""
         if self.run_dir is None:
             raise ValueError("`save` needs a trainer with a run_dir.")
         metadata = {"config": dataclasses.asdict(self.config), **self.metadata}
+        directory = self.run_dir / "checkpoints"
+        step = int(_local_value(state.step))
+        if jax.process_index() != 0:
+            return directory / f"ckpt_{step:08d}.eqx"
         return save_checkpoint(
-            self.run_dir / "checkpoints",
-            int(state.step),
-            state,
+            directory,
+            step,
+            _to_host(state),
             metadata=metadata,
             keep=self.config.keep_checkpoints,
         )
@@ -294,8 +317,9 @@ class Trainer:
         appended to `metrics.jsonl` in the run folder.
         """
         config, records = self.config, []
-        metrics_file = None
-        if self.run_dir is not None:
+        metrics_file, main_process = None, jax.process_index() == 0
+        progress = self.progress if main_process else NoProgress()
+        if self.run_dir is not None and main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(
                 json.dumps(dataclasses.asdict(config), indent=2)
@@ -305,8 +329,8 @@ class Trainer:
         if not 0 < end <= config.steps:
             raise ValueError(f"`until` must lie in [1, {config.steps}], got {until}.")
         schedule = config.learning_rate_schedule()
-        step = int(state.step)
-        self.progress.start(config.steps, step)
+        step = int(_local_value(state.step))
+        progress.start(config.steps, step)
         try:
             while step < end:
                 n = min(config.steps_per_call, end - step)
@@ -319,7 +343,10 @@ class Trainer:
                     state,
                     n,
                 )
-                means = {k: float(np.mean(v)) for k, v in _term_dict(terms).items()}
+                means = {
+                    k: float(np.mean(_local_value(v)))
+                    for k, v in _term_dict(terms).items()
+                }
                 seconds = time.perf_counter() - t0
                 step += n
                 record = {
@@ -350,12 +377,64 @@ class Trainer:
                 ):
                     self.save(state)
                 shown = {k: v for k, v in record.items() if k in ("nelbo", "diffusion")}
-                self.progress.update(step, shown)
+                progress.update(step, shown)
         finally:
-            self.progress.close()
+            progress.close()
             if metrics_file is not None:
                 metrics_file.close()
         return state, records
+
+
+def initialise_distributed(
+    coordinator_address: str, num_processes: int, process_id: int
+) -> None:
+    """Joins a multi-process (multi-host) run through `jax.distributed`.
+
+    Call it first thing in every process, before any other JAX work, with the same
+    `coordinator_address` (`"host:port"` of process 0) and `num_processes`, and each
+    process's own `process_id`. A [`nfdm_sciml.Trainer`][] then shards each batch over
+    the devices of all processes; process 0 alone writes metrics and checkpoints (to a
+    folder every process can read, for resuming). On CPU the processes exchange
+    gradients through Gloo.
+    """
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(
+            f"`num_processes` must be a positive integer, got {num_processes}."
+        )
+    if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"`process_id` must lie in [0, {num_processes - 1}], got {process_id}."
+        )
+    if not coordinator_address or ":" not in coordinator_address:
+        raise ValueError(
+            "`coordinator_address` must be 'host:port' of process 0, got "
+            f"{coordinator_address!r}."
+        )
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+
+
+def _local_value(x) -> np.ndarray:
+    """The value of a replicated array as a host array, also when other processes
+    hold copies of it (such an array is not fully addressable from one process)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+
+
+def _to_host(state: TrainState) -> TrainState:
+    def local(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jr.wrap_key_data(jnp.asarray(_local_value(jr.key_data(x))))
+        return jnp.asarray(_local_value(x))
+
+    return jax.tree.map(local, state, is_leaf=eqx.is_array)
 
 
 def _term_dict(terms) -> dict[str, Array]:
@@ -365,4 +444,4 @@ def _term_dict(terms) -> dict[str, Array]:
         "reconstruction": terms.reconstruction,
     }
     out["nelbo"] = terms.nelbo
-    return {k: v for k, v in out.items() if not bool(jnp.all(jnp.isnan(v)))}
+    return {k: v for k, v in out.items() if not np.all(np.isnan(_local_value(v)))}

@@ -141,3 +141,17 @@ def test_help():
     assert done.returncode == 0
     for command in ("train", "sample", "evaluate", "plot", "demo"):
         assert command in done.stdout
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--num-processes", "2", "--process-id", "2", "--coordinator", "h:1"],
+        ["--num-processes", "2", "--process-id", "0"],
+    ],
+)
+def test_bad_distributed_options_exit_2(extra, tmp_path, capsys):
+    # Rejected before any process tries to join a run.
+    code = main(["train", "--out", str(tmp_path / "run"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("nfdm: error:")

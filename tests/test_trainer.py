@@ -190,3 +190,86 @@ def test_ema_follows_its_warm_up():
     d = 2 / 11
     expected_two = d * expected_one + (1 - d) * leaf(two.model)
     np.testing.assert_allclose(leaf(two.ema), expected_two, rtol=1e-6)
+
+
+_MULTI = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    import nfdm_sciml as nf
+    process_id, port, run_dir, out = int(sys.argv[1]), *sys.argv[2:5]
+    if process_id >= 0:
+        nf.initialise_distributed(f"127.0.0.1:{port}", 2, process_id)
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp, jax.random as jr
+    config = nf.TrainConfig(
+        steps=6, batch_size=64, steps_per_call=3, checkpoint_every=3
+    )
+    trainer = nf.Trainer(config, run_dir=run_dir)
+    model = nf.build_model("nfdm", 2, key=jr.key(0), width_size=16, depth=2)
+    sample = lambda k: nf.eight_gaussians(k, 64, dtype=jnp.float64)
+    state, records = trainer.fit(trainer.init(model), sample)
+    if process_id <= 0:
+        json.dump({"records": records, "devices": len(jax.devices())}, open(out, "w"))
+    """
+)
+
+
+def test_two_processes_train_like_one(tmp_path):
+    # Two processes (one CPU device each) joined by jax.distributed against one process
+    # with two devices: the same sharded program, so the same losses.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    script = tmp_path / "multi.py"
+    script.write_text(_MULTI)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(script),
+                str(i),
+                port,
+                str(tmp_path / "multi"),
+                str(tmp_path / "multi.json"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    single_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "-1",
+            port,
+            str(tmp_path / "single"),
+            str(tmp_path / "single.json"),
+        ],
+        env=single_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    multi = json.loads((tmp_path / "multi.json").read_text())
+    single = json.loads((tmp_path / "single.json").read_text())
+    assert multi["devices"] == single["devices"] == 2
+    for a, b in zip(multi["records"], single["records"], strict=True):
+        np.testing.assert_allclose(a["nelbo"], b["nelbo"], rtol=1e-10)
+    # Only the first process wrote, and what it wrote loads.
+    files = sorted(p.name for p in (tmp_path / "multi" / "checkpoints").iterdir())
+    assert files == ["ckpt_00000003.eqx", "ckpt_00000006.eqx"]
+    lines = (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
