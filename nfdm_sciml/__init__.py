@@ -43,6 +43,7 @@ from ._likelihood import (
     nelbo_estimate as nelbo_estimate,
     ode_log_likelihood as ode_log_likelihood,
 )
+from ._metrics import mmd as mmd
 from ._model import LossTerms as LossTerms, NFDM as NFDM
 from ._nets import TimeMLP as TimeMLP
 from ._predictor import (

@@ -37,6 +37,7 @@ from . import plotting
 from ._checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from ._data import load_array, load_digits, Standardiser, toy_dataset, TOY_DATASETS
 from ._likelihood import nelbo_estimate, ode_log_likelihood
+from ._metrics import mmd
 from ._model import NFDM
 from ._progress import default_progress
 from ._recipes import build_model, MODEL_KINDS
@@ -458,6 +459,19 @@ def draw_figures(run: _Run, key) -> dict[str, str]:
         figures["loss"] = plotting.plot_curves(
             curves, run.dir / "loss.png", title=f"{kind}: training loss per chunk"
         )
+    evaluated = [r for r in records if "eval/nelbo_nats" in r]
+    if evaluated:
+        figures["likelihood"] = plotting.plot_curves(
+            {
+                "held-out NELBO": (
+                    [float(r["step"]) for r in evaluated],
+                    [r["eval/nelbo_nats"] for r in evaluated],
+                )
+            },
+            run.dir / "likelihood.png",
+            ylabel="nats",
+            title=f"{kind}: held-out NELBO during training",
+        )
     steps = run.config["eval"]["sde_steps"]
     if run.data.dim == 2:
         solution = sample_sde(
@@ -582,7 +596,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         estimate = nelbo_estimate(
             model, held_out, key=hook_key, num_times=config["eval"]["num_times"]
         )
-        return {"nelbo_nats": float(estimate.nats)}
+        # A sample metric too: MMD between SDE samples and the held-out points.
+        samples = sample_sde(model, held_out.shape[0], key=hook_key).samples
+        return {
+            "nelbo_nats": float(estimate.nats),
+            "sample_mmd": float(mmd(samples, held_out)),
+        }
 
     start_step, t0 = int(state.step), time.perf_counter()
     # With several processes the model is sharded across them during training; the

@@ -155,3 +155,14 @@ def test_bad_distributed_options_exit_2(extra, tmp_path, capsys):
     code = main(["train", "--out", str(tmp_path / "run"), *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("nfdm: error:")
+
+
+def test_periodic_evaluation_logs_likelihood_and_sample_metric(tmp_path):
+    out = tmp_path / "evaluated"
+    assert (
+        main(["train", "--out", str(out), *TINY, "--set", "train.eval_every=10"]) == 0
+    )
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert all("eval/nelbo_nats" in r and "eval/sample_mmd" in r for r in records)
+    assert (out / "likelihood.png").exists()
