@@ -209,8 +209,9 @@ def _encode(state) -> tuple[list[dict[str, Any]], list[bytes]]:
     """The structure records of `state` and the payload's chunks, one per array."""
     records, chunks = [], []
     # TODO: arrays sharded over several hosts are not fully addressable, so
-    # `np.asarray` fails on them; gathering them to one host first (or writing one
-    # payload per host) would lift this single-host limit.
+    # `np.asarray` fails on them; `Trainer.save` gathers replicated state to the host
+    # first, but a user saving a host-sharded state directly hits this. Writing one
+    # payload per host would lift the limit.
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         record = _describe(jax.tree_util.keystr(key_path), leaf, template=False)
         if record["kind"] == "key":

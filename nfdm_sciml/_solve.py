@@ -10,7 +10,7 @@ Each example is solved on its own (the solve is `jax.vmap`ped), so adaptive solv
 choose steps per example.
 """
 
-from typing import cast, Literal
+from typing import cast, Literal, NamedTuple
 
 import diffrax
 import equinox as eqx
@@ -87,21 +87,22 @@ def _check_steps(adaptive: bool, num_steps: int, num_saves: int | None) -> None:
         )
 
 
+class _SolveOptions(NamedTuple):
+    # Everything static about a solve, hashable, so that `filter_jit` compiles once
+    # per distinct set of options.
+    stochastic: bool
+    solver: str
+    adaptive: bool
+    rtol: float
+    atol: float
+    num_steps: int
+    num_saves: int | None
+    max_steps: int
+
+
 @eqx.filter_jit
-def _solve(
-    model,
-    z1,
-    keys,
-    contexts,
-    stochastic,
-    solver,
-    adaptive,
-    rtol,
-    atol,
-    num_steps,
-    num_saves,
-    max_steps,
-) -> ReverseSolution:
+def _solve(model, z1, keys, contexts, options: _SolveOptions) -> ReverseSolution:
+    stochastic, solver, adaptive, rtol, atol, num_steps, num_saves, max_steps = options
     shape, size = model.data_shape, model.data_size
     if stochastic:
         cls, levy_area, _ = _SDE_SOLVERS[solver]
@@ -218,20 +219,10 @@ def sample_sde(
     nkey, bkey = jr.split(key)
     z1 = _initial_noise(model, num_samples, z1, nkey, model_dtype(model))
     keys = jr.split(bkey, z1.shape[0])
-    return _solve(
-        model,
-        z1,
-        keys,
-        contexts,
-        True,
-        solver,
-        adaptive,
-        rtol,
-        atol,
-        num_steps,
-        num_saves,
-        max_steps,
+    options = _SolveOptions(
+        True, solver, adaptive, rtol, atol, num_steps, num_saves, max_steps
     )
+    return _solve(model, z1, keys, contexts, options)
 
 
 def sample_ode(
@@ -275,17 +266,7 @@ def sample_ode(
     _check_steps(adaptive, num_steps, num_saves)
     z1 = _initial_noise(model, num_samples, z1, key, model_dtype(model))
     keys = jr.split(key, z1.shape[0])
-    return _solve(
-        model,
-        z1,
-        keys,
-        contexts,
-        False,
-        solver,
-        adaptive,
-        rtol,
-        atol,
-        num_steps,
-        num_saves,
-        max_steps,
+    options = _SolveOptions(
+        False, solver, adaptive, rtol, atol, num_steps, num_saves, max_steps
     )
+    return _solve(model, z1, keys, contexts, options)
