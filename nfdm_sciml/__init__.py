@@ -9,6 +9,31 @@ from ._checkpoint import (
     load_checkpoint as load_checkpoint,
     save_checkpoint as save_checkpoint,
 )
+from ._constraints import (
+    AbstractPenalty as AbstractPenalty,
+    AbstractShape as AbstractShape,
+    Box as Box,
+    ConditionalCurvature as ConditionalCurvature,
+    Disk as Disk,
+    FunctionPenalty as FunctionPenalty,
+    GenerativeCurvature as GenerativeCurvature,
+    KineticEnergy as KineticEnergy,
+    Obstacle as Obstacle,
+    path_straightness as path_straightness,
+    PathPoint as PathPoint,
+    Penalties as Penalties,
+    SignedDistance as SignedDistance,
+    StayInside as StayInside,
+    Union as Union,
+    violation_fraction as violation_fraction,
+)
+from ._couplings import (
+    AbstractCoupling as AbstractCoupling,
+    ExactOTCoupling as ExactOTCoupling,
+    IndependentCoupling as IndependentCoupling,
+    SinkhornCoupling as SinkhornCoupling,
+    UnbalancedCoupling as UnbalancedCoupling,
+)
 from ._data import (
     checkerboard as checkerboard,
     eight_gaussians as eight_gaussians,
@@ -30,6 +55,7 @@ from ._decoder import (
     GaussianDecoder as GaussianDecoder,
 )
 from ._flow import NeuralFlowProcess as NeuralFlowProcess
+from ._flow_matching import FlowMatching as FlowMatching
 from ._forward import (
     AbstractFlowProcess as AbstractFlowProcess,
     AbstractForwardProcess as AbstractForwardProcess,
@@ -43,7 +69,7 @@ from ._likelihood import (
     nelbo_estimate as nelbo_estimate,
     ode_log_likelihood as ode_log_likelihood,
 )
-from ._metrics import mmd as mmd
+from ._metrics import mmd as mmd, wasserstein as wasserstein
 from ._model import LossTerms as LossTerms, NFDM as NFDM
 from ._nets import TimeMLP as TimeMLP
 from ._predictor import (

@@ -58,15 +58,16 @@ def check_time(t, name: str = "t") -> Array:
 def check_finite(x, name: str) -> Array:
     """Raises if `x` holds a NaN or an infinity (on the host when possible)."""
     x = jnp.asarray(x)
-    bad = ~jnp.all(jnp.isfinite(x))
     message = (
         f"`{name}` contains NaN or infinite values; remove or impute them before "
         "passing the data in."
     )
     if _is_traced(x):
-        return eqx.error_if(x, bad, message)
-    if bool(bad):
-        count = int(np.sum(~np.isfinite(np.asarray(x))))
+        return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), message)
+    # A concrete array is checked with NumPy: under an outer trace (a constant closed
+    # over in a `lax.scan`) a jnp reduction of it would itself be traced.
+    count = int(np.sum(~np.isfinite(np.asarray(x))))
+    if count:
         raise ValueError(message + f" ({count} non-finite entries found.)")
     return x
 

@@ -25,7 +25,7 @@ import time
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,14 @@ from matplotlib.figure import Figure
 
 from . import plotting
 from ._checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from ._constraints import (
+    ConditionalCurvature,
+    Disk,
+    GenerativeCurvature,
+    KineticEnergy,
+    Obstacle,
+    Penalties,
+)
 from ._data import load_array, load_digits, Standardiser, toy_dataset, TOY_DATASETS
 from ._likelihood import nelbo_estimate, ode_log_likelihood
 from ._metrics import mmd
@@ -77,8 +85,24 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "standardise": False,
         "eval_size": 2000,
     },
-    "model": {"kind": "nfdm", "width_size": 64, "depth": 4, "delta": 0.01},
+    "model": {
+        "kind": "nfdm",
+        "width_size": 64,
+        "depth": 4,
+        "delta": 0.01,
+        "pin_prior": True,
+    },
     "train": _TRAIN_DEFAULTS,
+    # Weights of the built-in penalties (0 turns one off); the obstacle is a disk.
+    "penalties": {
+        "curvature": 0.0,
+        "conditional_curvature": 0.0,
+        "kinetic": 0.0,
+        "obstacle": 0.0,
+        "obstacle_centre": [],
+        "obstacle_radius": 1.0,
+        "obstacle_margin": 0.0,
+    },
     "eval": {"num_times": 128, "ode_size": 500, "sample_size": 4096, "sde_steps": 300},
     "run": {"dir": "runs/demo"},
 }
@@ -118,6 +142,15 @@ def _check_value(section: str, key: str, value: Any) -> Any:
         )
     if isinstance(default, float):
         return float(value)
+    if (section, key) == ("penalties", "obstacle_centre"):
+        value = cast(list, value)  # its type was checked against the default
+        if not all(
+            isinstance(c, int | float) and not isinstance(c, bool) for c in value
+        ):
+            raise _UsageError(
+                f"`penalties.obstacle_centre` must list coordinates, got {value!r}."
+            )
+        return [float(c) for c in value]
     if isinstance(value, list) and not all(
         isinstance(c, str | int) and not isinstance(c, bool) for c in value
     ):
@@ -352,9 +385,39 @@ def _build(config: dict[str, dict[str, Any]], dim: int) -> NFDM:
             width_size=model["width_size"],
             depth=model["depth"],
             delta=model["delta"],
+            pin_prior=model["pin_prior"],
         )
     except (TypeError, ValueError) as err:
         raise _UsageError(str(err)) from None
+
+
+def _penalties(config: dict[str, dict[str, Any]], dim: int) -> Penalties | None:
+    """The training penalties named in [penalties], or None when all are off."""
+    section = config["penalties"]
+    terms: dict[str, Any] = {}
+    for name, penalty in (
+        ("curvature", GenerativeCurvature()),
+        ("conditional_curvature", ConditionalCurvature()),
+        ("kinetic", KineticEnergy()),
+    ):
+        if section[name] < 0:
+            raise _UsageError(f"`penalties.{name}` must be >= 0, got {section[name]}.")
+        if section[name] > 0:
+            terms[name] = (section[name], penalty)
+    if section["obstacle"] > 0:
+        centre = section["obstacle_centre"]
+        if len(centre) != dim:
+            raise _UsageError(
+                f"`penalties.obstacle_centre` must give {dim} coordinates for this "
+                f"data, got {centre!r}."
+            )
+        try:
+            disk = Disk(centre, section["obstacle_radius"])
+            obstacle = Obstacle(disk, margin=section["obstacle_margin"])
+        except ValueError as err:
+            raise _UsageError(str(err)) from None
+        terms["obstacle"] = (section["obstacle"], obstacle)
+    return Penalties(**terms) if terms else None
 
 
 @dataclasses.dataclass
@@ -367,7 +430,8 @@ class _Run:
 
     @property
     def model(self) -> NFDM:
-        return self.state.ema if self.state.ema is not None else self.state.model
+        model = self.state.ema if self.state.ema is not None else self.state.model
+        return cast(NFDM, model)  # the command line builds only NFDM models
 
 
 def _open_run(run_dir: str) -> _Run:
@@ -572,7 +636,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         },
     }
     trainer = Trainer(
-        train_config, run_dir=run_dir, progress=default_progress(), metadata=metadata
+        train_config,
+        run_dir=run_dir,
+        progress=default_progress(),
+        metadata=metadata,
+        penalties=_penalties(config, data.dim),
     )
     state = trainer.init(model)
     if found:

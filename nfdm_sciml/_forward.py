@@ -248,17 +248,27 @@ class NFDMGaussian(AbstractGaussianProcess):
     $q(z_0 \mid x) = \mathcal{N}(x, \delta^2 I)$ and $q(z_1 \mid x) = \mathcal{N}(0, I)$
     exactly, so the prior term of the bound vanishes.
 
+    With `pin_prior=False` the factor $t(1 - t)$ becomes $t$: the end point
+    $q(z_1 \mid x) = \mathcal{N}(\bar\mu_\phi(x, 1), e^{2\bar\ell_\phi(x, 1)})$ is
+    learned too and the prior term is its KL to $\mathcal{N}(0, I)$. The process
+    can then carry information about $x$ to $t = 1$, a learned coupling of noise and
+    data, which is what straight generative paths (NFDM-OT) need: with $z_1$
+    independent of $x$, the first step of the generative ODE can only move the noise
+    by an affine map.
+
     **Arguments:**
 
     - `data_size`: number of entries of one example.
     - `context_size`: number of entries of the flattened context (0 for none).
     - `width_size`, `depth`: of the network (64 and 4 in the paper's 2D recipe).
     - `delta`: the noise floor at $t = 0$.
+    - `pin_prior`: whether $z_1 = \varepsilon$ exactly (default) or learned.
     - `key`: a JAX PRNG key.
     """
 
     net: TimeMLP
     delta: float = eqx.field(static=True)
+    pin_prior: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -268,9 +278,11 @@ class NFDMGaussian(AbstractGaussianProcess):
         width_size: int = 64,
         depth: int = 4,
         delta: float = 0.01,
+        pin_prior: bool = True,
         key: PRNGKeyArray,
     ):
         _check_delta(delta, "NFDMGaussian")
+        self.pin_prior = bool(pin_prior)
         self.net = TimeMLP(
             data_size + context_size,
             2 * data_size,
@@ -285,7 +297,7 @@ class NFDMGaussian(AbstractGaussianProcess):
     ) -> tuple[Data, Data]:
         out = self.net(t, x, context).astype(x.dtype)
         mean_bar, log_scale_bar = jnp.split(out, 2)
-        bump = t * (1 - t)
+        bump = t * (1 - t) if self.pin_prior else t
         mu = (1 - t) * x + bump * mean_bar.reshape(x.shape)
         log_sigma = (1 - t) * math.log(self.delta) + bump * log_scale_bar.reshape(
             x.shape
@@ -293,6 +305,8 @@ class NFDMGaussian(AbstractGaussianProcess):
         return mu, jnp.exp(log_sigma)
 
     def prior_kl(self, eps: Data, x: Data, context: Context = None) -> Scalar:
+        if not self.pin_prior:
+            return super().prior_kl(eps, x, context)
         # Exact by construction (mu_1 = 0, sigma_1 = 1): skip the network pass.
         del eps, context
         return jnp.zeros((), x.dtype)

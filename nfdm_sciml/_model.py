@@ -10,6 +10,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._checks import check_batch, check_floating, check_shape, check_time
+from ._constraints import PathPoint, Penalties
 from ._custom_types import Batch, Context, Data, Scalar, Time
 from ._decoder import AbstractDecoder, GaussianDecoder
 from ._forward import AbstractForwardProcess
@@ -24,11 +25,14 @@ class LossTerms(eqx.Module):
       generative path measures.
     - `prior`: $\mathcal{L}_\text{prior} = \mathrm{KL}(q(z_1 \mid x) \,\|\, p(z_1))$.
     - `reconstruction`: $\mathcal{L}_\text{rec} = -\log p(x \mid z_0)$.
+    - `penalties`: the unweighted value of each training penalty by name (see
+      [`nfdm_sciml.Penalties`][]); empty without penalties. Not part of the bound.
     """
 
     diffusion: Float[Array, "*batch"]
     prior: Float[Array, "*batch"]
     reconstruction: Float[Array, "*batch"]
+    penalties: dict[str, Float[Array, "*batch"]] = eqx.field(default_factory=dict)
 
     @property
     def nelbo(self) -> Float[Array, "*batch"]:
@@ -125,14 +129,41 @@ class NFDM(eqx.Module):
         return self._diffusion_loss(x, check_time(t), eps, context)
 
     def _diffusion_loss(self, x, t, eps, context):
+        return self._diffusion_terms(x, t, eps, context)[0]
+
+    def _diffusion_terms(self, x, t, eps, context):
         # Unchecked: for callers that draw t in [0, 1] themselves (the training loss).
+        # Also returns the forward sample and its velocity, for the penalties.
         z, velocity, score = self.forward.sample_terms(eps, t, x, context)
         x_hat = self.predictor(z, t, context)
         velocity_hat, score_hat = self.forward.velocity_and_score(z, t, x_hat, context)
         g2 = self.volatility(t) ** 2
         # Reverse-time drifts f - g^2/2 * score are compared, as in the authors' code.
         gap = (velocity - velocity_hat) - 0.5 * g2 * (score - score_hat)
-        return 0.5 * jnp.sum(gap**2) / g2
+        return 0.5 * jnp.sum(gap**2) / g2, z, velocity
+
+    def path_point(
+        self, x: Data, t: Time, eps: Data, context: Context = None
+    ) -> PathPoint:
+        """The [`nfdm_sciml.PathPoint`][] at $z_t = F(\varepsilon, t, x)$ that the
+        penalties see: the sample, its conditional velocity, the forward path through
+        it and the generative ODE drift."""
+        self._check_example("x,eps", x, eps)
+        t = check_time(t)
+        z, velocity = self.forward.sample_terms(eps, t, x, context)[:2]
+        return self._path_point(x, t, eps, context, z, velocity)
+
+    def _path_point(self, x, t, eps, context, z, velocity) -> PathPoint:
+        return PathPoint(
+            t,
+            z,
+            velocity,
+            context,
+            path=lambda s: self.forward(eps, s, x, context),
+            drift=lambda y, s, freeze_predictor=False: self._ode_drift(
+                y, s, context, freeze_predictor
+            ),
+        )
 
     def prior_loss(self, x: Data, eps: Data, context: Context = None) -> Scalar:
         """$\\mathrm{KL}(q(z_1 \\mid x) \\| \\mathcal{N}(0, I))$ (see
@@ -177,8 +208,10 @@ class NFDM(eqx.Module):
         key: PRNGKeyArray,
         contexts: Context = None,
         objective: Literal["nelbo", "diffusion"] = "nelbo",
+        penalties: Penalties | None = None,
     ) -> tuple[Scalar, LossTerms]:
-        """The training objective: the batch mean of the single-sample NELBO.
+        """The training objective: the batch mean of the single-sample NELBO, plus
+        weighted penalties if any.
 
         **Arguments:**
 
@@ -191,12 +224,22 @@ class NFDM(eqx.Module):
           the prior and reconstruction terms do not depend on the parameters, as for
           [`nfdm_sciml.NFDMGaussian`][] with a fixed decoder; the terms it does not
           compute are reported as NaN.
+        - `penalties`: [`nfdm_sciml.Penalties`][] evaluated at the same forward
+          samples $z_t$ as the diffusion term; their weighted batch means are added
+          to the loss.
 
-        **Returns:** `(loss, terms)` where `terms` holds the batch means of each term.
+        **Returns:** `(loss, terms)` where `terms` holds the batch means of each term
+        (and of each penalty, unweighted).
         """
         if objective not in ("nelbo", "diffusion"):
             raise ValueError(
                 f"`objective` must be 'nelbo' or 'diffusion', got {objective!r}."
+            )
+        if penalties is not None and not isinstance(penalties, Penalties):
+            raise TypeError(
+                "`penalties` must be an `nfdm_sciml.Penalties` (e.g. "
+                f"`Penalties(curvature=(0.1, GenerativeCurvature()))`), got "
+                f"{type(penalties).__name__}."
             )
         xs = check_batch(xs, self.data_shape)
         # One draw for the whole batch is much cheaper than a key split per example.
@@ -205,19 +248,25 @@ class NFDM(eqx.Module):
         eps = jr.normal(ekey, xs.shape, dtype=xs.dtype)
 
         def one(x, t, e, c):
-            diffusion = self._diffusion_loss(x, t, e, c)
+            diffusion, z, velocity = self._diffusion_terms(x, t, e, c)
+            extra = {}
+            if penalties is not None:
+                extra = penalties(self._path_point(x, t, e, c, z, velocity))
             if objective == "diffusion":
                 nan = jnp.full((), jnp.nan, x.dtype)
-                return LossTerms(diffusion, nan, nan)
+                return LossTerms(diffusion, nan, nan, extra)
             return LossTerms(
                 diffusion,
                 self.forward.prior_kl(e, x, c),
                 self.reconstruction_loss(x, e, c),
+                extra,
             )
 
         in_axes = (0, 0, 0, None if contexts is None else 0)
         means = jax.tree.map(jnp.mean, jax.vmap(one, in_axes)(xs, ts, eps, contexts))
         loss = means.nelbo if objective == "nelbo" else means.diffusion
+        if penalties is not None:
+            loss = loss + penalties.total(means.penalties).astype(loss.dtype)
         return loss, means
 
     def reverse_drift(self, z: Data, t: Time, context: Context = None) -> Data:
@@ -235,5 +284,12 @@ class NFDM(eqx.Module):
             treat its samples and likelihoods as those of a separate, deterministic
             model.
         """
-        x_hat = self.predictor(z, t, context)
+        return self._ode_drift(z, t, context, False)
+
+    def _ode_drift(self, z, t, context, freeze_predictor):
+        predictor = self.predictor
+        if freeze_predictor:
+            params, static = eqx.partition(predictor, eqx.is_array)
+            predictor = eqx.combine(jax.lax.stop_gradient(params), static)
+        x_hat = predictor(z, t, context)
         return self.forward.velocity(z, t, x_hat, context)

@@ -25,10 +25,13 @@ def build_model(
     width_size: int = 64,
     depth: int = 4,
     delta: float = 0.01,
+    pin_prior: bool = True,
 ) -> NFDM:
-    """Builds a model for vector data by name, with MLPs of the given size.
+    r"""Builds a model for vector data by name, with MLPs of the given size.
 
-    - `"nfdm"`: NFDM-Gaussian forward process, learned volatility (the paper's recipe).
+    - `"nfdm"`: NFDM-Gaussian forward process, learned volatility (the paper's
+      recipe); `pin_prior=False` learns its end point $q(z_1 \mid x)$ as well (see
+      [`nfdm_sciml.NFDMGaussian`][]), the choice for NFDM-OT.
     - `"flow"`: the non-Gaussian [`nfdm_sciml.NeuralFlowProcess`][] (spline couplings)
       with a learned volatility.
     - `"fmot"`: the fixed linear interpolant (FM-OT) with a learned volatility.
@@ -47,7 +50,12 @@ def build_model(
     scale = delta
     if kind == "nfdm":
         forward = NFDMGaussian(
-            data_size, width_size=width_size, depth=depth, delta=delta, key=fkey
+            data_size,
+            width_size=width_size,
+            depth=depth,
+            delta=delta,
+            pin_prior=pin_prior,
+            key=fkey,
         )
     elif kind == "flow":
         forward = NeuralFlowProcess(

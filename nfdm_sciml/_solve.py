@@ -22,6 +22,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._checks import check_batch
 from ._custom_types import Context
+from ._flow_matching import FlowMatching
 from ._model import NFDM
 
 
@@ -64,9 +65,17 @@ def model_dtype(model) -> jnp.dtype:
     return leaves[0].dtype if leaves else jnp.dtype(jnp.result_type(float))
 
 
-def _initial_noise(model, num_samples, z1, key, dtype) -> Array:
-    if not isinstance(model, NFDM):
-        raise TypeError(f"`model` must be an `NFDM`, got {type(model).__name__}.")
+def _initial_noise(model, num_samples, z1, key, dtype, stochastic=False) -> Array:
+    if stochastic and not isinstance(model, NFDM):
+        raise TypeError(
+            f"`sample_sde` needs an `NFDM`, got {type(model).__name__}; a model with "
+            "only an ODE drift (such as FlowMatching) is sampled with `sample_ode`."
+        )
+    if not (hasattr(model, "ode_drift") and hasattr(model, "data_shape")):
+        raise TypeError(
+            "`model` must be an `NFDM` or another model with `ode_drift` and "
+            f"`data_shape` (such as FlowMatching), got {type(model).__name__}."
+        )
     if z1 is not None:
         return check_batch(z1, model.data_shape, "z1")
     if not (isinstance(num_samples, int) and num_samples > 0):
@@ -217,7 +226,7 @@ def sample_sde(
         )
     _check_steps(adaptive, num_steps, num_saves)
     nkey, bkey = jr.split(key)
-    z1 = _initial_noise(model, num_samples, z1, nkey, model_dtype(model))
+    z1 = _initial_noise(model, num_samples, z1, nkey, model_dtype(model), True)
     keys = jr.split(bkey, z1.shape[0])
     options = _SolveOptions(
         True, solver, adaptive, rtol, atol, num_steps, num_saves, max_steps
@@ -226,7 +235,7 @@ def sample_sde(
 
 
 def sample_ode(
-    model: NFDM,
+    model: NFDM | FlowMatching,
     num_samples: int | None = None,
     *,
     key: PRNGKeyArray,

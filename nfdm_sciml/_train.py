@@ -8,15 +8,16 @@ import equinox as eqx
 import jax
 import jax.random as jr
 import optax
-from jaxtyping import PRNGKeyArray, PyTree
+from jaxtyping import Array, PRNGKeyArray, PyTree
 
+from ._constraints import Penalties
 from ._custom_types import Batch
 from ._model import LossTerms, NFDM
 
 
 StepFn = Callable[
-    [NFDM, optax.OptState, Batch, PRNGKeyArray],
-    tuple[NFDM, optax.OptState, LossTerms],
+    [eqx.Module, optax.OptState, Batch, PRNGKeyArray],
+    tuple[eqx.Module, optax.OptState, LossTerms | dict[str, Array]],
 ]
 
 
@@ -24,23 +25,40 @@ def make_train_step(
     optimiser: optax.GradientTransformation,
     *,
     objective: Literal["nelbo", "diffusion"] = "nelbo",
+    penalties: Penalties | None = None,
 ) -> StepFn:
     """Builds `step(model, opt_state, xs, key) -> (model, opt_state, terms)`.
 
-    The step minimises the batch mean of the single-sample NELBO
-    ([`nfdm_sciml.NFDM.batch_loss`][], or its diffusion term alone with
-    `objective="diffusion"`) over every inexact array of the model (forward process,
-    predictor and volatility together) and returns the batch means of the bound
-    terms. It is pure and `eqx.filter_jit`-ted; initialise the optimiser state with
+    For an [`nfdm_sciml.NFDM`][] the step minimises the batch mean of the
+    single-sample NELBO ([`nfdm_sciml.NFDM.batch_loss`][], or its diffusion term
+    alone with `objective="diffusion"`), plus the weighted `penalties` if given, over
+    every inexact array of the model (forward process, predictor and volatility
+    together) and returns the batch means of the terms. Any other model with a
+    method `batch_loss(xs, *, key) -> (loss, terms)` (such as the flow-matching
+    baselines) is trained on its own loss. The step is pure and
+    `eqx.filter_jit`-ted; initialise the optimiser state with
     `optimiser.init(eqx.filter(model, eqx.is_inexact_array))`.
     """
     if objective not in ("nelbo", "diffusion"):
         raise ValueError(
             f"`objective` must be 'nelbo' or 'diffusion', got {objective!r}."
         )
+    if penalties is not None and not isinstance(penalties, Penalties):
+        raise TypeError(
+            f"`penalties` must be an `nfdm_sciml.Penalties`, got {type(penalties)}."
+        )
 
     def loss_fn(model, xs, key):
-        return model.batch_loss(xs, key=key, objective=objective)
+        if isinstance(model, NFDM):
+            return model.batch_loss(
+                xs, key=key, objective=objective, penalties=penalties
+            )
+        if objective != "nelbo" or penalties is not None:
+            raise TypeError(
+                f"`objective` and `penalties` apply to NFDM models only; a "
+                f"{type(model).__name__} is trained on its own `batch_loss`."
+            )
+        return model.batch_loss(xs, key=key)
 
     @eqx.filter_jit
     def step(model, opt_state, xs, key):
@@ -59,13 +77,13 @@ def make_train_step(
 
 def run_steps(
     step: StepFn,
-    model: NFDM,
+    model: eqx.Module,
     opt_state: PyTree,
     sample_batch: Callable[[PRNGKeyArray], Batch],
     num_steps: int,
     *,
     key: PRNGKeyArray,
-) -> tuple[NFDM, PyTree, LossTerms]:
+) -> tuple[eqx.Module, PyTree, LossTerms | dict[str, Array]]:
     """Runs `num_steps` training steps inside one `jax.lax.scan`, drawing each batch
     with `sample_batch(key)` on the device: no host round trip between steps.
 

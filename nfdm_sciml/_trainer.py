@@ -18,8 +18,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
 from ._checkpoint import load_checkpoint, save_checkpoint
+from ._constraints import Penalties
 from ._custom_types import Batch
-from ._model import NFDM
+from ._model import LossTerms
 from ._progress import AbstractProgress, NoProgress
 from ._train import make_train_step
 
@@ -127,8 +128,8 @@ class TrainState(eqx.Module):
     """Everything a run needs to continue exactly: model, parameter average,
     optimiser state, step counter and the run's base key."""
 
-    model: NFDM
-    ema: NFDM | None
+    model: eqx.Module
+    ema: eqx.Module | None
     opt_state: PyTree
     step: Int[Array, ""]
     key: PRNGKeyArray
@@ -195,6 +196,12 @@ class Trainer:
       the result equals single-device training up to floating-point reassociation.
     - `metadata`: extra JSON-serialisable data stored in every checkpoint (for
       example the data standardisation).
+    - `penalties`: [`nfdm_sciml.Penalties`][] added to the objective of an NFDM
+      (their unweighted batch means are logged as `penalty/<name>`).
+
+    Besides an NFDM, any Equinox model with `batch_loss(xs, *, key) -> (loss, terms)`
+    (a dict of scalars) can be trained, such as
+    [`nfdm_sciml.FlowMatching`][].
 
     A run is fully determined by the config (its seed) and the sampler.
     """
@@ -207,6 +214,7 @@ class Trainer:
         progress: AbstractProgress | None = None,
         devices: Sequence[Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        penalties: Penalties | None = None,
     ):
         if not isinstance(config, TrainConfig):
             raise TypeError(f"`config` must be a TrainConfig, got {type(config)}.")
@@ -214,7 +222,10 @@ class Trainer:
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.progress = progress or NoProgress()
         self.metadata = dict(metadata or {})
-        self.step_fn = make_train_step(config.optimiser(), objective=config.objective)
+        self.penalties = penalties
+        self.step_fn = make_train_step(
+            config.optimiser(), objective=config.objective, penalties=penalties
+        )
         # All devices of all processes: with `jax.distributed` initialised, every
         # process runs this same program on its share of each batch.
         devices = list(jax.devices() if devices is None else devices)
@@ -230,7 +241,7 @@ class Trainer:
         else:
             self.batch_sharding = self.state_sharding = None
 
-    def init(self, model: NFDM) -> TrainState:
+    def init(self, model: eqx.Module) -> TrainState:
         """The state at step 0 for `model`."""
         opt_state = self.config.optimiser().init(
             eqx.filter(model, eqx.is_inexact_array)
@@ -298,7 +309,7 @@ class Trainer:
         state: TrainState,
         sample_batch: Callable[[PRNGKeyArray], Batch],
         *,
-        evaluate: Callable[[NFDM, int], dict[str, float]] | None = None,
+        evaluate: Callable[[Any, int], dict[str, float]] | None = None,
         until: int | None = None,
     ) -> tuple[TrainState, list[dict[str, Any]]]:
         """Trains from `state.step` to `config.steps`.
@@ -376,7 +387,11 @@ class Trainer:
                     or (config.checkpoint_every and step % config.checkpoint_every == 0)
                 ):
                     self.save(state)
-                shown = {k: v for k, v in record.items() if k in ("nelbo", "diffusion")}
+                shown = {
+                    k: v
+                    for k, v in record.items()
+                    if k in ("nelbo", "diffusion", "loss")
+                }
                 progress.update(step, shown)
         finally:
             progress.close()
@@ -438,10 +453,13 @@ def _to_host(state: TrainState) -> TrainState:
 
 
 def _term_dict(terms) -> dict[str, Array]:
+    if not isinstance(terms, LossTerms):
+        return dict(terms)
     out = {
         "diffusion": terms.diffusion,
         "prior": terms.prior,
         "reconstruction": terms.reconstruction,
     }
     out["nelbo"] = terms.nelbo
+    out.update({f"penalty/{k}": v for k, v in terms.penalties.items()})
     return {k: v for k, v in out.items() if not np.all(np.isnan(_local_value(v)))}

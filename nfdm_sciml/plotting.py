@@ -7,8 +7,12 @@ needs no display, leaves the user's backend alone and keeps no figure open.
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
+
+from ._constraints import AbstractShape
 
 
 def _save(fig: Figure, path) -> Path:
@@ -25,8 +29,27 @@ def _limits(*arrays, margin: float = 0.1):
     return (low[0] - pad[0], high[0] + pad[0]), (low[1] - pad[1], high[1] + pad[1])
 
 
+def _draw_shapes(ax, shapes) -> None:
+    # Each shape's boundary is the zero level of its signed distance on a grid that
+    # covers the axes; the inside is shaded.
+    if not shapes:
+        return
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    gx, gy = np.meshgrid(np.linspace(x0, x1, 200), np.linspace(y0, y1, 200))
+    grid = jnp.asarray(np.stack([gx.ravel(), gy.ravel()], -1))
+    for shape in shapes:
+        sdf = np.asarray(jax.vmap(shape.signed_distance)(grid)).reshape(gx.shape)
+        ax.contourf(gx, gy, sdf, levels=[-np.inf, 0], colors=["0.6"], alpha=0.5)
+        ax.contour(gx, gy, sdf, levels=[0], colors=["k"], linewidths=0.8)
+
+
 def plot_samples_2d(
-    data, samples: Mapping[str, np.ndarray], path, *, title: str | None = None
+    data,
+    samples: Mapping[str, np.ndarray],
+    path,
+    *,
+    title: str | None = None,
+    shapes: Sequence[AbstractShape] = (),
 ) -> Path:
     """Scatter plots of 2D data beside each named set of samples.
 
@@ -35,6 +58,7 @@ def plot_samples_2d(
     - `data`: reference points, shape `(n, 2)`.
     - `samples`: name -> points of shape `(m, 2)`, one panel each.
     - `path`: where to write the PNG.
+    - `shapes`: obstacles or regions ([`nfdm_sciml.AbstractShape`][]) to draw.
     """
     panels = {
         "data": np.asarray(data),
@@ -46,13 +70,18 @@ def plot_samples_2d(
     for ax, (name, points) in zip(np.atleast_1d(axes), panels.items(), strict=True):
         ax.scatter(points[:, 0], points[:, 1], s=1, alpha=0.4)
         ax.set(title=name, xlim=xlim, ylim=ylim, aspect="equal", xticks=[], yticks=[])
+        _draw_shapes(ax, shapes)
     if title:
         fig.suptitle(title)
     return _save(fig, path)
 
 
 def plot_trajectories_2d(
-    trajectories: Mapping[str, np.ndarray], path, *, title: str | None = None
+    trajectories: Mapping[str, np.ndarray],
+    path,
+    *,
+    title: str | None = None,
+    shapes: Sequence[AbstractShape] = (),
 ) -> Path:
     """Paths of 2D trajectories, one panel per named set.
 
@@ -61,6 +90,7 @@ def plot_trajectories_2d(
     - `trajectories`: name -> array of shape `(n, times, 2)`; each path is drawn from
       its first to its last state, with the last states marked.
     - `path`: where to write the PNG.
+    - `shapes`: obstacles or regions ([`nfdm_sciml.AbstractShape`][]) to draw.
     """
     fig = Figure(figsize=(3.6 * len(trajectories), 3.6))
     axes = fig.subplots(1, len(trajectories))
@@ -73,6 +103,7 @@ def plot_trajectories_2d(
         ax.scatter(paths[:, 0, 0], paths[:, 0, 1], s=4, c="k", label="start")
         ax.scatter(paths[:, -1, 0], paths[:, -1, 1], s=4, c="r", label="end")
         ax.set(title=name, aspect="equal", xticks=[], yticks=[])
+        _draw_shapes(ax, shapes)
     np.atleast_1d(axes)[0].legend(loc="lower left", fontsize=7)
     if title:
         fig.suptitle(title)

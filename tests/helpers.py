@@ -66,6 +66,16 @@ FORWARD_PROCESSES = {
         ),
         True,
     ),
+    # The end point q(z_1 | x) is learned, so only t = 0 is pinned.
+    "nfdm_gaussian_free": (
+        lambda d, c, k: randomise(
+            nf.NFDMGaussian(
+                d, context_size=c, width_size=16, depth=2, pin_prior=False, key=k
+            ),
+            k,
+        ),
+        False,
+    ),
     "linear_interpolant": (lambda d, c, k: nf.LinearInterpolant(), False),
     "variance_preserving": (lambda d, c, k: nf.VariancePreserving(), False),
 }

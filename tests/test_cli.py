@@ -111,6 +111,17 @@ def test_csv_file(tmp_path):
         ["--set", "train.learning_rate=-1"],
         ["--set", 'data.name="file"', "--set", 'data.path="missing.csv"'],
         ["--no-such-option"],
+        ["--set", "penalties.curvature=-1"],
+        ["--set", "penalties.obstacle=1.0", "--set", "penalties.obstacle_centre=[1]"],
+        ["--set", "penalties.obstacle_centre=['a', 'b']"],
+        [
+            "--set",
+            "penalties.obstacle=1.0",
+            "--set",
+            "penalties.obstacle_centre=[0, 0]",
+            "--set",
+            "penalties.obstacle_radius=-2.0",
+        ],
     ],
 )
 def test_bad_input_exits_2(extra, tmp_path, capsys):
@@ -166,3 +177,20 @@ def test_periodic_evaluation_logs_likelihood_and_sample_metric(tmp_path):
     records = [json.loads(line) for line in lines]
     assert all("eval/nelbo_nats" in r and "eval/sample_mmd" in r for r in records)
     assert (out / "likelihood.png").exists()
+
+
+def test_penalties_from_the_config(tmp_path):
+    # NFDM-OT with an obstacle: the penalties are trained and logged by name.
+    out = tmp_path / "ot"
+    extra = [
+        "--set=penalties.curvature=0.5",
+        "--set=penalties.obstacle=10.0",
+        "--set=penalties.obstacle_centre=[1.0, 1.0]",
+        "--set=penalties.obstacle_radius=0.5",
+        "--set=model.pin_prior=false",
+    ]
+    assert main(["train", "--out", str(out), *TINY, *extra]) == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("penalty/curvature" in r and "penalty/obstacle" in r for r in records)
+    assert all(np.isfinite(r["prior"]) and r["prior"] > 0 for r in records)
+    assert "obstacle_centre = [1.0, 1.0]" in (out / "config.toml").read_text()

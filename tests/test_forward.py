@@ -52,6 +52,22 @@ def test_boundary_random_parameters(name, seed):
     assert not np.allclose(mid, 0.5 * x + 0.5 * eps)
 
 
+def test_unpinned_prior_is_learned_and_its_kl_exact():
+    process = FORWARD_PROCESSES["nfdm_gaussian_free"][0](2, 0, jr.key(5))
+    x = jnp.array([1.5, -0.7])
+    zero, one = jnp.zeros(2), jnp.ones(2)
+    # z_0 is still pinned at x + delta * eps.
+    np.testing.assert_allclose(
+        process(one, jnp.array(0.0), x), x + 0.01 * one, rtol=1e-12
+    )
+    # z_1 = m(x) + s(x) eps with m, s read off two evaluations of F.
+    m = process(zero, jnp.array(1.0), x)
+    s = process(one, jnp.array(1.0), x) - m
+    assert not np.allclose(m, 0) and not np.allclose(s, 1)
+    kl = 0.5 * np.sum(s**2 + m**2 - 1 - 2 * np.log(s))
+    np.testing.assert_allclose(process.prior_kl(zero, x), kl, rtol=1e-10)
+
+
 @given(testing.example_inputs((3,), np.float64))
 def test_linear_interpolant_velocity_is_exact(inputs):
     eps, t, x = (jnp.asarray(u) for u in inputs)
