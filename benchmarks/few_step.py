@@ -38,6 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--clip", type=float, default=1.0, help="gradient clip norm")
     parser.add_argument("--curvature", type=float, default=0.3, help="NFDM-OT weight")
     parser.add_argument(
         "--pin-prior",
@@ -87,6 +88,7 @@ def run_dataset(name: str, args) -> dict:
             steps=args.steps,
             batch_size=args.batch,
             learning_rate=args.lr,
+            clip_norm=args.clip,
             steps_per_call=500,
             ema_decay=0.999,
             seed=args.seed,

@@ -45,8 +45,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--weight", type=float, default=1000.0)
+    parser.add_argument("--weight", type=float, default=100.0)
     parser.add_argument("--margin", type=float, default=0.1)
+    parser.add_argument(
+        "--kinetic", type=float, default=0.0, help="weight of a kinetic-energy term"
+    )
     parser.add_argument("--eval-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/obstacles")
@@ -99,7 +102,10 @@ def main(argv=None) -> dict:
     runs = {"none": None}
     for name, shape in SHAPES.items():
         obstacle = nf.Obstacle(shape, margin=args.margin)
-        runs[name] = nf.Penalties(obstacle=(args.weight, obstacle))
+        terms = {"obstacle": (args.weight, obstacle)}
+        if args.kinetic > 0:
+            terms["kinetic"] = (args.kinetic, nf.KineticEnergy())
+        runs[name] = nf.Penalties(**terms)
     solutions = {}
     for name, penalties in runs.items():
         model, seconds = train(penalties, args)
@@ -115,7 +121,7 @@ def main(argv=None) -> dict:
             {
                 f"{label}, {kind.upper()}": np.asarray(
                     solutions[key][kind].trajectories
-                )[:48]
+                )[: 16 if kind == "sde" else 48]
                 for key, label in (("none", "no penalty"), (name, "with penalty"))
                 for kind in ("sde", "ode")
             },

@@ -284,7 +284,12 @@ class Union(AbstractShape):
         return jnp.min(jnp.stack([s.signed_distance(z) for s in self.shapes]))
 
 
-def _check_hinge(cls: str, margin: float, power: float) -> None:
+def _check_hinge(cls: str, shape, margin: float, power: float) -> None:
+    if not isinstance(shape, AbstractShape):
+        raise TypeError(
+            f"`{cls}` needs an AbstractShape such as Disk, Box or SignedDistance; got "
+            f"{type(shape).__name__}."
+        )
     if not margin >= 0 or not power >= 1:
         raise ValueError(
             f"`{cls}` needs margin >= 0 and power >= 1; got {margin} and {power}."
@@ -306,12 +311,7 @@ class Obstacle(AbstractPenalty):
     power: float = eqx.field(static=True, default=1.0)
 
     def __check_init__(self):
-        if not isinstance(self.shape, AbstractShape):
-            raise TypeError(
-                "`Obstacle` needs an AbstractShape such as Disk, Box or "
-                f"SignedDistance; got {type(self.shape).__name__}."
-            )
-        _check_hinge("Obstacle", self.margin, self.power)
+        _check_hinge("Obstacle", self.shape, self.margin, self.power)
 
     def __call__(self, point: PathPoint) -> Scalar:
         depth = self.margin - self.shape.signed_distance(_flat(point.z))
@@ -327,12 +327,7 @@ class StayInside(AbstractPenalty):
     power: float = eqx.field(static=True, default=1.0)
 
     def __check_init__(self):
-        if not isinstance(self.shape, AbstractShape):
-            raise TypeError(
-                "`StayInside` needs an AbstractShape such as Disk, Box or "
-                f"SignedDistance; got {type(self.shape).__name__}."
-            )
-        _check_hinge("StayInside", self.margin, self.power)
+        _check_hinge("StayInside", self.shape, self.margin, self.power)
 
     def __call__(self, point: PathPoint) -> Scalar:
         excess = self.shape.signed_distance(_flat(point.z)) + self.margin

@@ -327,7 +327,34 @@ def _check_sinkhorn_options(
         )
 
 
-class SinkhornCoupling(AbstractCoupling):
+class _AbstractEntropicCoupling(AbstractCoupling):
+    """Shared by the Sinkhorn couplings: the plan from ott's Sinkhorn solver with the
+    options of `_options`, and pairs drawn from it with replacement."""
+
+    @property
+    @abc.abstractmethod
+    def _options(self) -> _EntropicOptions:
+        """The solver options of this coupling."""
+
+    def plan(
+        self, x0: Float[Array, " n *dims"], x1: Float[Array, " m *dims"]
+    ) -> Float[Array, " n m"]:
+        _check_pair(x0, x1)
+        return jnp.exp(_entropic_log_plan(x0, x1, self._options))
+
+    def __call__(
+        self,
+        x0: Float[Array, " n *dims"],
+        x1: Float[Array, " m *dims"],
+        *,
+        key: PRNGKeyArray,
+    ) -> tuple[Float[Array, " n *dims"], Float[Array, " n *dims"]]:
+        _check_pair(x0, x1)
+        log_plan = _entropic_log_plan(x0, x1, self._options)
+        return _sample_pairs(log_plan, x0, x1, key)
+
+
+class SinkhornCoupling(_AbstractEntropicCoupling):
     r"""Entropic optimal transport under the squared Euclidean cost, solved with
     Sinkhorn's algorithm (`ott.solvers.linear.sinkhorn.Sinkhorn`): the plan minimises
     $\sum_{ij} \pi_{ij} C_{ij} - \varepsilon H(\pi)$ with both marginals uniform.
@@ -369,23 +396,6 @@ class SinkhornCoupling(AbstractCoupling):
             "SinkhornCoupling", self.epsilon, self.max_iterations, self.threshold
         )
 
-    def plan(
-        self, x0: Float[Array, " n *dims"], x1: Float[Array, " m *dims"]
-    ) -> Float[Array, " n m"]:
-        _check_pair(x0, x1)
-        return jnp.exp(_entropic_log_plan(x0, x1, self._options))
-
-    def __call__(
-        self,
-        x0: Float[Array, " n *dims"],
-        x1: Float[Array, " m *dims"],
-        *,
-        key: PRNGKeyArray,
-    ) -> tuple[Float[Array, " n *dims"], Float[Array, " n *dims"]]:
-        _check_pair(x0, x1)
-        log_plan = _entropic_log_plan(x0, x1, self._options)
-        return _sample_pairs(log_plan, x0, x1, key)
-
     @property
     def _options(self) -> _EntropicOptions:
         return _EntropicOptions(
@@ -398,7 +408,7 @@ class SinkhornCoupling(AbstractCoupling):
         )
 
 
-class UnbalancedCoupling(AbstractCoupling):
+class UnbalancedCoupling(_AbstractEntropicCoupling):
     r"""Unbalanced entropic optimal transport: Sinkhorn with the marginal constraints
     relaxed to penalties, so that mass that is expensive to move is dropped instead.
 
@@ -437,23 +447,6 @@ class UnbalancedCoupling(AbstractCoupling):
                     f"`UnbalancedCoupling` needs 0 < {name} <= 1 (1 keeps the marginal "
                     f"exactly, smaller values relax it); got {tau}."
                 )
-
-    def plan(
-        self, x0: Float[Array, " n *dims"], x1: Float[Array, " m *dims"]
-    ) -> Float[Array, " n m"]:
-        _check_pair(x0, x1)
-        return jnp.exp(_entropic_log_plan(x0, x1, self._options))
-
-    def __call__(
-        self,
-        x0: Float[Array, " n *dims"],
-        x1: Float[Array, " m *dims"],
-        *,
-        key: PRNGKeyArray,
-    ) -> tuple[Float[Array, " n *dims"], Float[Array, " n *dims"]]:
-        _check_pair(x0, x1)
-        log_plan = _entropic_log_plan(x0, x1, self._options)
-        return _sample_pairs(log_plan, x0, x1, key)
 
     @property
     def _options(self) -> _EntropicOptions:

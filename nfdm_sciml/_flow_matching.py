@@ -1,6 +1,7 @@
 r"""Conditional flow matching: the baseline that NFDM-OT and the bridges are measured
 against, with independent or optimal-transport couplings of each minibatch."""
 
+import math
 from collections.abc import Sequence
 
 import equinox as eqx
@@ -80,10 +81,7 @@ class FlowMatching(eqx.Module):
     @property
     def data_size(self) -> int:
         """Number of entries of one example."""
-        size = 1
-        for n in self.data_shape:
-            size *= n
-        return size
+        return math.prod(self.data_shape)
 
     def ode_drift(self, z: Data, t: Time, context: Context = None) -> Data:
         r"""The learned velocity $v_\theta(z, t) = \mathrm{d}z/\mathrm{d}t$ (the

@@ -1,5 +1,6 @@
 r"""The neural flow diffusion model: forward process, predictor, volatility, decoder."""
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -110,10 +111,7 @@ class NFDM(eqx.Module):
     @property
     def data_size(self) -> int:
         """Number of entries of one example (the $D$ of bits per dimension)."""
-        size = 1
-        for n in self.data_shape:
-            size *= n
-        return size
+        return math.prod(self.data_shape)
 
     def _check_example(self, name: str, *arrays) -> None:
         for array, label in zip(arrays, name.split(","), strict=True):

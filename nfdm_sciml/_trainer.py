@@ -356,7 +356,7 @@ class Trainer:
                 )
                 means = {
                     k: float(np.mean(_local_value(v)))
-                    for k, v in _term_dict(terms).items()
+                    for k, v in _term_dict(terms, config.objective).items()
                 }
                 seconds = time.perf_counter() - t0
                 step += n
@@ -452,14 +452,14 @@ def _to_host(state: TrainState) -> TrainState:
     return jax.tree.map(local, state, is_leaf=eqx.is_array)
 
 
-def _term_dict(terms) -> dict[str, Array]:
+def _term_dict(terms, objective: str) -> dict[str, Array]:
     if not isinstance(terms, LossTerms):
         return dict(terms)
-    out = {
-        "diffusion": terms.diffusion,
-        "prior": terms.prior,
-        "reconstruction": terms.reconstruction,
-    }
-    out["nelbo"] = terms.nelbo
+    out = {"diffusion": terms.diffusion}
+    # With the diffusion objective the other terms are not computed (NaN placeholders);
+    # otherwise every term is logged, NaN included, so that a diverged run shows.
+    if objective != "diffusion":
+        out["prior"], out["reconstruction"] = terms.prior, terms.reconstruction
+        out["nelbo"] = terms.nelbo
     out.update({f"penalty/{k}": v for k, v in terms.penalties.items()})
-    return {k: v for k, v in out.items() if not np.all(np.isnan(_local_value(v)))}
+    return out

@@ -92,6 +92,9 @@ def plot_trajectories_2d(
     - `path`: where to write the PNG.
     - `shapes`: obstacles or regions ([`nfdm_sciml.AbstractShape`][]) to draw.
     """
+    # One frame for every panel, from the percentiles of all points, so that panels
+    # compare and a few far excursions do not shrink the rest.
+    xlim, ylim = _limits(*trajectories.values())
     fig = Figure(figsize=(3.6 * len(trajectories), 3.6))
     axes = fig.subplots(1, len(trajectories))
     for ax, (name, paths) in zip(
@@ -102,7 +105,7 @@ def plot_trajectories_2d(
             ax.plot(p[:, 0], p[:, 1], lw=0.6, alpha=0.6)
         ax.scatter(paths[:, 0, 0], paths[:, 0, 1], s=4, c="k", label="start")
         ax.scatter(paths[:, -1, 0], paths[:, -1, 1], s=4, c="r", label="end")
-        ax.set(title=name, aspect="equal", xticks=[], yticks=[])
+        ax.set(title=name, xlim=xlim, ylim=ylim, aspect="equal", xticks=[], yticks=[])
         _draw_shapes(ax, shapes)
     np.atleast_1d(axes)[0].legend(loc="lower left", fontsize=7)
     if title:

@@ -332,3 +332,21 @@ def test_bad_input(no_typecheck):
             key=jr.key(0),
             penalties=nf.KineticEnergy(),  # pyright: ignore[reportArgumentType]
         )
+
+
+@given(seed=st.integers(0, 2**16), dim=st.sampled_from([1, 3]))
+def test_straightness_of_random_paths(seed, dim):
+    rng = np.random.default_rng(seed)
+    ts = jnp.asarray(np.sort(rng.uniform(0, 1, size=9)))
+    start, end = rng.normal(size=(2, 4, dim))
+    # Straight at constant speed (on any time grid): exactly zero.
+    fraction = (ts - ts[0]) / (ts[-1] - ts[0])
+    line = start[:, None] + fraction[None, :, None] * (end - start)[:, None]
+    np.testing.assert_allclose(nf.path_straightness(line, ts), 0.0, atol=1e-9)
+    # Any other path through the same end points costs more (Cauchy-Schwarz).
+    wiggle = (
+        line
+        + rng.normal(size=line.shape)
+        * np.asarray(fraction * (1 - fraction))[None, :, None]
+    )
+    assert float(nf.path_straightness(jnp.asarray(wiggle), ts)) > 0

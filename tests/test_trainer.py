@@ -41,6 +41,23 @@ def test_fit_is_deterministic_and_learns():
     assert not np.allclose(a, e)
 
 
+def test_a_diverged_run_logs_nan():
+    # NaN parameters (a run that has diverged) make every term NaN: the records must
+    # show it, not drop the keys. (NaN data would be refused by the batch check.)
+    trainer = nf.Trainer(_config(steps=5, steps_per_call=5, ema_decay=None))
+    broken = jax.tree.map(
+        lambda a: jnp.full_like(a, jnp.nan) if eqx.is_inexact_array(a) else a, _model()
+    )
+    _, records = trainer.fit(trainer.init(broken), _sample)
+    assert all(np.isnan(records[-1][k]) for k in ("diffusion", "nelbo"))
+    assert "prior" in records[-1] and "reconstruction" in records[-1]
+    diffusion_only = nf.Trainer(
+        _config(steps=5, steps_per_call=5, objective="diffusion")
+    )
+    _, records = diffusion_only.fit(diffusion_only.init(_model()), _sample)
+    assert "nelbo" not in records[-1] and np.isfinite(records[-1]["diffusion"])
+
+
 def test_chunking_does_not_change_the_run():
     # Keys come from the step number, so 4 calls of 5 steps equal 2 calls of 10.
     states = []
