@@ -55,6 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/few_step.json")
+    parser.add_argument("--report", help="print the tables of a saved JSON and stop")
     return parser.parse_args(argv)
 
 
@@ -99,29 +100,39 @@ def run_dataset(name: str, args) -> dict:
             trainer.init(model), lambda key: sampler(key, args.batch)
         )
         seconds = time.perf_counter() - start
-        model = state.ema
-        models[method] = model
-        row = {"train_seconds": seconds, "w2": {}}
-        for nfe in args.nfe:
-            solution = nf.sample_ode(
-                model, args.eval_size, key=skey, solver="euler", num_steps=nfe
-            )
-            row["w2"][nfe] = float(nf.wasserstein(solution.samples, held_out))
-        fine = nf.sample_ode(
-            model, 500, key=skey, solver="euler", num_steps=32, num_saves=33
-        )
-        row["straightness"] = float(
-            nf.path_straightness(fine.trajectories, fine.ts)  # pyright: ignore
-        )
-        if isinstance(model, nf.NFDM):
-            estimate = nf.nelbo_estimate(model, held_out, key=nkey, num_times=64)
-            row["nelbo"] = float(estimate.nats)
-            row["nelbo_se"] = float(estimate.nats_stderr)
-            row["penalty_curvature"] = records[-1].get("penalty/curvature")
+        models[method] = state.ema
+        row = {"train_seconds": seconds}
+        # The average of the parameters (EMA, decay 0.999) is the reported model; the
+        # last parameters are evaluated too, because averaging the weights of a
+        # learned forward process and its predictor separately can break their fit.
+        for which, model in (("ema", state.ema), ("online", state.model)):
+            row[which] = evaluate(model, held_out, skey, nkey, args)
+        if method == "NFDM-OT":
+            row["penalty_curvature"] = records[-1]["penalty/curvature"]
         out["methods"][method] = row
         print(f"  {name} {method}: {json.dumps(row)}", flush=True)
     out["figure"] = str(draw(name, models, held_out, args))
     return out
+
+
+def evaluate(model, held_out, skey, nkey, args) -> dict:
+    row = {"w2": {}}
+    for nfe in args.nfe:
+        solution = nf.sample_ode(
+            model, args.eval_size, key=skey, solver="euler", num_steps=nfe
+        )
+        row["w2"][nfe] = float(nf.wasserstein(solution.samples, held_out))
+    fine = nf.sample_ode(
+        model, 500, key=skey, solver="euler", num_steps=32, num_saves=33
+    )
+    row["straightness"] = float(
+        nf.path_straightness(fine.trajectories, fine.ts)  # pyright: ignore
+    )
+    if isinstance(model, nf.NFDM):
+        estimate = nf.nelbo_estimate(model, held_out, key=nkey, num_times=64)
+        row["nelbo"] = float(estimate.nats)
+        row["nelbo_se"] = float(estimate.nats_stderr)
+    return row
 
 
 def draw(name, models, held_out, args) -> Path:
@@ -154,8 +165,11 @@ def draw(name, models, held_out, args) -> Path:
     return path
 
 
-def table(results: dict, nfes) -> str:
+def table(results: dict, nfes, which: str = "ema") -> str:
     lines = [
+        f"{'EMA' if which == 'ema' else 'Last-parameter'} models; NELBO of the EMA "
+        "model, and of the last parameters in brackets.",
+        "",
         "| data | method | "
         + " | ".join(f"W2 NFE={n}" for n in nfes)
         + " | NFE 2 / NFE 32 | straightness | NELBO (nats) | train (s) |",
@@ -164,12 +178,17 @@ def table(results: dict, nfes) -> str:
         + " | ---: | ---: | ---: | ---: |",
     ]
     for name, result in results.items():
-        for method, row in result["methods"].items():
+        for method, full in result["methods"].items():
+            row = {**full[which], "train_seconds": full["train_seconds"]}
             w2 = row["w2"]
             ratio = w2[2] / w2[32] if 2 in w2 and 32 in w2 else float("nan")
-            nelbo = (
-                f"{row['nelbo']:.3f} ± {row['nelbo_se']:.3f}" if "nelbo" in row else ""
-            )
+            nelbo = ""
+            if "nelbo" in row:
+                ema, last = full["ema"], full["online"]
+                nelbo = (
+                    f"{ema['nelbo']:.3f} ± {ema['nelbo_se']:.3f} "
+                    f"(last: {last['nelbo']:.3f} ± {last['nelbo_se']:.3f})"
+                )
             lines.append(
                 f"| {name} | {method} | "
                 + " | ".join(f"{w2[n]:.3f}" for n in nfes)
@@ -186,6 +205,22 @@ def table(results: dict, nfes) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.report:
+        # Tables from a finished run's JSON (its keys are strings).
+        saved = json.loads(Path(args.report).read_text())
+        for result in saved["results"].values():
+            for full in result["methods"].values():
+                for which in ("ema", "online"):
+                    full[which]["w2"] = {
+                        int(k): v for k, v in full[which]["w2"].items()
+                    }
+        nfes = saved["args"]["nfe"]
+        print(
+            table(saved["results"], nfes)
+            + "\n\n"
+            + table(saved["results"], nfes, "online")
+        )
+        return
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"Unknown methods {sorted(unknown)}; choose from {METHODS}.")

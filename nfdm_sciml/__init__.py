@@ -24,6 +24,7 @@ from ._constraints import (
     Penalties as Penalties,
     SignedDistance as SignedDistance,
     StayInside as StayInside,
+    TimeWeighted as TimeWeighted,
     Union as Union,
     violation_fraction as violation_fraction,
 )

@@ -88,6 +88,35 @@ class FunctionPenalty(AbstractPenalty):
         return value
 
 
+class TimeWeighted(AbstractPenalty):
+    r"""Another penalty multiplied by a weight $w(t) \ge 0$ of the time.
+
+    Use it to apply a penalty only where it can be met. An obstacle that the prior
+    $\mathcal{N}(0, I)$ itself covers cannot be avoided near $t = 1$; penalising it
+    there is met only by spreading the paths out (diluting the density inside the
+    obstacle), so fade it out: `TimeWeighted(Obstacle(disk), lambda t: (1 - t) ** 2)`.
+    """
+
+    penalty: AbstractPenalty
+    weight: Callable[[Time], ArrayLike] = eqx.field(static=True)
+
+    def __check_init__(self):
+        if not isinstance(self.penalty, AbstractPenalty) or not callable(self.weight):
+            raise TypeError(
+                "`TimeWeighted` needs a penalty (AbstractPenalty) and a function "
+                "weight(t) -> scalar."
+            )
+
+    def __call__(self, point: PathPoint) -> Scalar:
+        weight = jnp.asarray(self.weight(point.t))
+        if weight.shape != ():
+            raise ValueError(
+                "A time weight must return a scalar, but returned shape "
+                f"{weight.shape}."
+            )
+        return weight * self.penalty(point)
+
+
 class GenerativeCurvature(AbstractPenalty):
     r"""$\|\tfrac{\mathrm{d}}{\mathrm{d}t} f_\theta(F(\varepsilon, t, x), t)\|^2$:
     how fast the generative ODE drift changes along the forward path (NFDM-OT).

@@ -350,3 +350,19 @@ def test_straightness_of_random_paths(seed, dim):
         * np.asarray(fraction * (1 - fraction))[None, :, None]
     )
     assert float(nf.path_straightness(jnp.asarray(wiggle), ts)) > 0
+
+
+def test_time_weighted_penalty():
+    disk = nf.Disk([0.0, 0.0], 1.0)
+    faded = nf.TimeWeighted(nf.Obstacle(disk), lambda t: (1 - t) ** 2)
+    z = jnp.array([0.2, 0.0])
+    for t, weight in ((0.0, 1.0), (0.5, 0.25), (1.0, 0.0)):
+        point = nf.PathPoint(
+            jnp.asarray(t), z, jnp.zeros(2), None, lambda s: z, lambda y, s, **kw: y
+        )
+        np.testing.assert_allclose(faded(point), weight * 0.8, atol=1e-12)
+    with pytest.raises(TypeError, match="TimeWeighted"):
+        nf.TimeWeighted(disk, lambda t: t)  # pyright: ignore[reportArgumentType]
+    vector = nf.TimeWeighted(nf.Obstacle(disk), lambda t: jnp.ones(2))
+    with pytest.raises(ValueError, match="must return a scalar"):
+        vector(_at([0.0, 0.0]))
