@@ -17,6 +17,7 @@ which training adds to the NELBO. A user penalty is a function
 
 import abc
 from collections.abc import Callable, Mapping, Sequence
+from typing import cast
 
 import equinox as eqx
 import jax
@@ -367,7 +368,8 @@ def _flat(z: Data) -> Array:
     return jnp.reshape(z, (-1,))
 
 
-PenaltyLike = AbstractPenalty | Callable[[Data, Data, Time, Context], ArrayLike]
+PenaltyFn = Callable[[Data, Data, Time, Context], ArrayLike]
+PenaltyLike = AbstractPenalty | PenaltyFn
 
 
 class Penalties(eqx.Module):
@@ -410,7 +412,7 @@ class Penalties(eqx.Module):
                         f"Penalty {name!r} must be an AbstractPenalty or a function "
                         f"fn(z, velocity, t, context); got {type(penalty).__name__}."
                     )
-                penalty = FunctionPenalty(penalty)  # pyright: ignore[reportArgumentType]
+                penalty = FunctionPenalty(cast(PenaltyFn, penalty))
             names.append(name)
             weights.append(float(weight))
             penalties.append(penalty)

@@ -19,7 +19,7 @@ returned rows. All of it traces under `jax.jit` and inside a `jax.lax.scan` body
 import abc
 import functools
 import math
-from typing import NamedTuple
+from typing import cast, NamedTuple
 
 import equinox as eqx
 import jax
@@ -116,7 +116,7 @@ def _entropic_log_plan(x0: Array, x1: Array, options: _EntropicOptions) -> Array
         eps = jnp.asarray(options.epsilon, dtype)
     with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
         # ott annotates `epsilon` as a float; a traced scalar is what it uses itself.
-        geom = geometry.Geometry(cost_matrix=cost, epsilon=eps)  # pyright: ignore[reportArgumentType]
+        geom = geometry.Geometry(cost_matrix=cost, epsilon=cast(float, eps))
         problem = linear_problem.LinearProblem(
             geom,
             a=jnp.full((n,), 1 / n, dtype),
