@@ -3,6 +3,10 @@
 import importlib.metadata
 
 from . import plotting as plotting, testing as testing
+from ._bridge import (
+    GaussianBridge as GaussianBridge,
+    NeuralFlowBridge as NeuralFlowBridge,
+)
 from ._checkpoint import (
     CheckpointError as CheckpointError,
     list_checkpoints as list_checkpoints,

@@ -10,6 +10,7 @@ import jax.random as jr
 import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
+from ._bridge import NeuralFlowBridge
 from ._constraints import Penalties
 from ._custom_types import Batch
 from ._model import LossTerms, NFDM
@@ -53,9 +54,11 @@ def make_train_step(
             return model.batch_loss(
                 xs, key=key, objective=objective, penalties=penalties
             )
+        if isinstance(model, NeuralFlowBridge) and objective == "nelbo":
+            return model.batch_loss(xs, key=key, penalties=penalties)
         if objective != "nelbo" or penalties is not None:
             raise TypeError(
-                f"`objective` and `penalties` apply to NFDM models only; a "
+                f"`objective` and `penalties` apply to NFDM and bridge models only; a "
                 f"{type(model).__name__} is trained on its own `batch_loss`."
             )
         return model.batch_loss(xs, key=key)
