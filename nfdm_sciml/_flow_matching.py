@@ -38,12 +38,17 @@ class FlowMatching(eqx.Module):
     - `sigma`: the constant noise $\sigma \ge 0$ around the conditional paths.
     - `width_size`, `depth`: of the [`nfdm_sciml.TimeMLP`][] velocity network (the
       same network as the NFDM predictor of [`nfdm_sciml.build_model`][]).
+    - `from_data`: if `True`, the source at $t = 1$ is a second data set instead of
+      noise (the bridge baseline): batches are then pairs of shape
+      `(batch, 2, *data_shape)` as for [`nfdm_sciml.NeuralFlowBridge`][], and
+      sampling starts from source samples (`sample_ode(..., z1=sources)`).
     """
 
     velocity: TimeMLP
     coupling: AbstractCoupling
     sigma: float = eqx.field(static=True)
     data_shape: tuple[int, ...] = eqx.field(static=True)
+    from_data: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -54,7 +59,9 @@ class FlowMatching(eqx.Module):
         sigma: float = 0.0,
         width_size: int = 64,
         depth: int = 4,
+        from_data: bool = False,
     ):
+        self.from_data = bool(from_data)
         self.data_shape = tuple(int(n) for n in data_shape)
         if not self.data_shape or any(n <= 0 for n in self.data_shape):
             raise ValueError(
@@ -92,13 +99,18 @@ class FlowMatching(eqx.Module):
     def batch_loss(
         self, xs: Batch, *, key: PRNGKeyArray, contexts: Context = None
     ) -> tuple[Scalar, dict[str, Array]]:
-        """The flow-matching loss of a batch, with the noise drawn and coupled inside.
+        """The flow-matching loss of a batch, with the noise drawn (or, with
+        `from_data`, the source samples taken from the pairs) and coupled inside.
 
         **Returns:** `(loss, {"loss": loss})`.
         """
-        xs = check_batch(xs, self.data_shape)
         nkey, ckey, tkey, skey = jr.split(key, 4)
-        noise = jr.normal(nkey, xs.shape, dtype=xs.dtype)
+        if self.from_data:
+            pairs = check_batch(xs, (2, *self.data_shape), "pairs")
+            xs, noise = pairs[:, 0], pairs[:, 1]
+        else:
+            xs = check_batch(xs, self.data_shape)
+            noise = jr.normal(nkey, xs.shape, dtype=xs.dtype)
         xs, noise = self.coupling(xs, noise, key=ckey)
         ts = jr.uniform(tkey, xs.shape[:1], dtype=xs.dtype)
         wide = ts.reshape((-1,) + (1,) * len(self.data_shape))

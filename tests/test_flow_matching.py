@@ -91,3 +91,24 @@ def test_bad_input(no_typecheck):
             nf.TrainConfig().optimiser(), penalties=nf.Penalties(k=nf.KineticEnergy())
         )
         step(model, None, jnp.zeros((4, 2)), jr.key(0))
+
+
+def test_loss_from_a_data_source():
+    # The bridge baseline: the source samples replace the noise.
+    model = nf.FlowMatching((2,), key=jr.key(0), width_size=8, depth=1, from_data=True)
+    pairs = jr.normal(jr.key(1), (5, 2, 2))
+    key = jr.key(2)
+    loss, _ = model.batch_loss(pairs, key=key)
+    _, _, tkey, _ = jr.split(key, 4)
+    ts = jr.uniform(tkey, (5,), pairs.dtype)
+    x, n = pairs[:, 0], pairs[:, 1]
+    zs = (1 - ts[:, None]) * x + ts[:, None] * n
+    expected = np.mean(
+        [
+            np.sum((model.ode_drift(z, t) - (b - a)) ** 2)
+            for z, t, a, b in zip(zs, ts, x, n, strict=True)
+        ]
+    )
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="pairs"):
+        model.batch_loss(jnp.zeros((4, 2)), key=key)
