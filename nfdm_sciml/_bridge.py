@@ -7,6 +7,8 @@ bound, the penalties, the samplers and the likelihood estimates, with the source
 passed as `contexts`.
 """
 
+from typing import Literal
+
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
@@ -17,6 +19,7 @@ from ._constraints import Penalties
 from ._couplings import AbstractCoupling, IndependentCoupling
 from ._custom_types import Context, Data, Scalar, Time
 from ._decoder import GaussianDecoder
+from ._flow import NeuralFlowProcess
 from ._forward import _check_delta, AbstractGaussianProcess
 from ._model import LossTerms, NFDM
 from ._nets import TimeMLP
@@ -104,10 +107,13 @@ class NeuralFlowBridge(eqx.Module):
     Each training batch of targets and sources is paired by `coupling` (independent,
     or minibatch optimal transport: [`nfdm_sciml.ExactOTCoupling`][],
     [`nfdm_sciml.SinkhornCoupling`][]); the model is then an
-    [`nfdm_sciml.NFDM`][] whose forward process is a [`nfdm_sciml.GaussianBridge`][]
-    and whose predictor sees the source. Its bound is a NELBO of
-    $-\log p(x_0 \mid x_1)$; the reverse process starts at $z_1 = x_1 + \delta n$.
-    The penalties of [`nfdm_sciml.Penalties`][] apply unchanged.
+    [`nfdm_sciml.NFDM`][] whose forward process is a bridge pinned at both ends and
+    whose predictor sees the source. The bridge is a [`nfdm_sciml.GaussianBridge`][]
+    (`forward="gaussian"`), or that bridge reshaped in between by coupling layers,
+    a non-Gaussian bridge ([`nfdm_sciml.NeuralFlowProcess`][] with the
+    `GaussianBridge` as its Gaussian part; `forward="spline"` or `"affine"`). Its
+    bound is a NELBO of $-\log p(x_0 \mid x_1)$; the reverse process starts at
+    $z_1 = x_1 + \delta n$. The penalties of [`nfdm_sciml.Penalties`][] apply unchanged.
 
     **Arguments:**
 
@@ -117,10 +123,13 @@ class NeuralFlowBridge(eqx.Module):
     - `width_size`, `depth`: of every network.
     - `delta`: the noise floor at both ends.
     - `volatility`: $g(t)$; a learned [`nfdm_sciml.NeuralVolatility`][] by default.
+    - `forward`: `"gaussian"`, `"spline"` or `"affine"`: the bridge process.
+    - `num_layers`, `num_bins`: of the coupling layers of a non-Gaussian bridge.
     """
 
     model: NFDM
     coupling: AbstractCoupling
+    delta: float = eqx.field(static=True)
 
     def __init__(
         self,
@@ -132,11 +141,31 @@ class NeuralFlowBridge(eqx.Module):
         depth: int = 4,
         delta: float = 0.01,
         volatility: AbstractVolatility | None = None,
+        forward: Literal["gaussian", "spline", "affine"] = "gaussian",
+        num_layers: int = 4,
+        num_bins: int = 8,
     ):
-        fkey, pkey, vkey = jr.split(key, 3)
-        forward = GaussianBridge(
+        if forward not in ("gaussian", "spline", "affine"):
+            raise ValueError(
+                "`forward` must be 'gaussian', 'spline' or 'affine' (the bridge "
+                f"process); got {forward!r}."
+            )
+        fkey, pkey, vkey, ckey = jr.split(key, 4)
+        process = GaussianBridge(
             data_size, width_size=width_size, depth=depth, delta=delta, key=fkey
         )
+        if forward != "gaussian":
+            process = NeuralFlowProcess(
+                data_size,
+                context_size=data_size,
+                num_layers=num_layers,
+                transform=forward,
+                num_bins=num_bins,
+                width_size=width_size,
+                depth=depth,
+                gaussian=process,
+                key=ckey,
+            )
         predictor = Predictor(
             data_size,
             context_size=data_size,
@@ -147,8 +176,9 @@ class NeuralFlowBridge(eqx.Module):
         )
         if volatility is None:
             volatility = NeuralVolatility(width_size=width_size, depth=depth, key=vkey)
+        self.delta = delta
         self.model = NFDM(
-            forward,
+            process,
             predictor,
             volatility,
             GaussianDecoder(delta),
@@ -165,10 +195,6 @@ class NeuralFlowBridge(eqx.Module):
     @property
     def data_shape(self) -> tuple[int, ...]:
         return self.model.data_shape
-
-    @property
-    def delta(self) -> float:
-        return self.model.forward.delta  # pyright: ignore[reportAttributeAccessIssue]
 
     def batch_loss(
         self,

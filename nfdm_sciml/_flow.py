@@ -10,7 +10,7 @@ import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from ._custom_types import Context, Data, Scalar, Time
-from ._forward import AbstractFlowProcess, NFDMGaussian
+from ._forward import AbstractFlowProcess, AbstractGaussianProcess, NFDMGaussian
 from ._nets import TimeMLP
 from ._spline import rational_quadratic_spline
 
@@ -24,13 +24,16 @@ class NeuralFlowProcess(AbstractFlowProcess):
 
     $$F(\varepsilon, t, x) = \mu(x, t) + \sigma(x, t) \odot T_{x, t}(\varepsilon),$$
 
-    where $(\mu, \sigma)$ are those of [`nfdm_sciml.NFDMGaussian`][] and $T_{x, t}$ is a
-    stack of coupling layers on $\varepsilon$ whose transforms (affine, or monotone
-    rational-quadratic splines) are conditioned on $(x, t)$ and on the other half of
-    $\varepsilon$. The coupling parameters are multiplied by $t(1 - t)$, so $T$ is the
-    identity at both ends: $z_0 = x + \delta\varepsilon$ and $z_1 = \varepsilon$
-    exactly, as for NFDM-Gaussian. The log-determinant is exact; the velocity and
-    score come from automatic differentiation.
+    where $(\mu, \sigma)$ are those of a Gaussian part ([`nfdm_sciml.NFDMGaussian`][]
+    by default) and $T_{x, t}$ is a stack of coupling layers on $\varepsilon$ whose
+    transforms (affine, or monotone rational-quadratic splines) are conditioned on
+    $(x, t)$, the context and the other half of $\varepsilon$. The coupling parameters
+    are multiplied by $t(1 - t)$, so $T$ is the identity at both ends and the process
+    keeps the end points of its Gaussian part: with NFDM-Gaussian,
+    $z_0 = x + \delta\varepsilon$ and $z_1 = \varepsilon$ exactly; with a
+    [`nfdm_sciml.GaussianBridge`][] (pass `gaussian=`), $z_1 = x_1 + \delta\varepsilon$,
+    a non-Gaussian bridge. The log-determinant is exact; the velocity and score come
+    from automatic differentiation, and the prior term is the Gaussian part's.
 
     The last layer of every conditioner starts at zero, so an untrained process equals
     its Gaussian part and training moves away from it only where that helps.
@@ -44,10 +47,14 @@ class NeuralFlowProcess(AbstractFlowProcess):
     - `num_bins`, `bound`: of the splines (identity outside `[-bound, bound]`).
     - `width_size`, `depth`: of the Gaussian network and of each conditioner.
     - `delta`: the noise floor at $t = 0$.
+    - `gaussian`: the Gaussian part, any [`nfdm_sciml.AbstractGaussianProcess`][] on
+      examples of `data_size` entries; by default an [`nfdm_sciml.NFDMGaussian`][]
+      built from `width_size`, `depth`, `delta` and `context_size` (which must then
+      be the size of the context the whole process sees).
     - `key`: a JAX PRNG key.
     """
 
-    gaussian: NFDMGaussian
+    gaussian: AbstractGaussianProcess
     conditioners: tuple[TimeMLP, ...]
     # Index tuples (hashable, so they can be static) of each layer's two halves.
     transformed: tuple[tuple[int, ...], ...] = eqx.field(static=True)
@@ -68,6 +75,7 @@ class NeuralFlowProcess(AbstractFlowProcess):
         width_size: int = 64,
         depth: int = 4,
         delta: float = 0.01,
+        gaussian: AbstractGaussianProcess | None = None,
         key: PRNGKeyArray,
     ):
         if transform not in ("affine", "spline"):
@@ -80,14 +88,21 @@ class NeuralFlowProcess(AbstractFlowProcess):
                 f"bound > 0; got {num_layers=}, {num_bins=}, {bound=}."
             )
         gkey, *ckeys = jr.split(key, num_layers + 1)
-        self.gaussian = NFDMGaussian(
-            data_size,
-            context_size=context_size,
-            width_size=width_size,
-            depth=depth,
-            delta=delta,
-            key=gkey,
-        )
+        if gaussian is None:
+            gaussian = NFDMGaussian(
+                data_size,
+                context_size=context_size,
+                width_size=width_size,
+                depth=depth,
+                delta=delta,
+                key=gkey,
+            )
+        elif not isinstance(gaussian, AbstractGaussianProcess):
+            raise TypeError(
+                "`gaussian` must be an AbstractGaussianProcess (for example "
+                f"NFDMGaussian or GaussianBridge); got {type(gaussian).__name__}."
+            )
+        self.gaussian = gaussian
         index = np.arange(data_size)
         transformed, conditioning, conditioners = [], [], []
         for layer, ckey in enumerate(ckeys):
@@ -171,6 +186,6 @@ class NeuralFlowProcess(AbstractFlowProcess):
         return jnp.sum(jnp.log(sigma)) + self._transform(eps, t, x, context)[1]
 
     def prior_kl(self, eps: Data, x: Data, context: Context = None) -> Scalar:
-        # At t = 1 the couplings are the identity and (mu, sigma) = (0, 1) exactly.
-        del eps, context
-        return jnp.zeros((), x.dtype)
+        # At t = 1 the couplings are the identity, so q(z_1 | x) is the Gaussian
+        # part's and so is its KL to the prior.
+        return self.gaussian.prior_kl(eps, x, context)

@@ -304,6 +304,62 @@ def check_forward_process(
     run()
 
 
+def check_bridge_boundary(
+    process: AbstractForwardProcess,
+    eps: Data,
+    x0: Data,
+    x1: Data,
+    *,
+    delta: float,
+) -> None:
+    """The bridge boundary conditions: $F(\\varepsilon, 0, x_0, x_1) = x_0 +
+    \\delta\\varepsilon$ and $F(\\varepsilon, 1, x_0, x_1) = x_1 +
+    \\delta\\varepsilon$ (the source $x_1$ is the context), with a zero prior
+    term."""
+    z0, z1, kl = _boundaries(process, eps, x0, x1)
+    tol = _tolerance(eps.dtype)
+    where = f"x0={np.asarray(x0).ravel()[:4]}, x1={np.asarray(x1).ravel()[:4]}"
+    _assert_close("bridge boundary at t=0", z0, x0 + delta * eps, tol, tol, where)
+    _assert_close("bridge boundary at t=1", z1, x1 + delta * eps, tol, tol, where)
+    _assert_close("prior KL", kl, jnp.zeros((), eps.dtype), tol, tol, where)
+
+
+def check_bridge_process(
+    process: AbstractForwardProcess,
+    data_shape: Sequence[int],
+    *,
+    delta: float,
+    dtype=None,
+    max_examples: int = 20,
+) -> None:
+    """Runs every forward-process check on a bridge, with the source sample $x_1$
+    drawn by hypothesis along with $(\\varepsilon, t, x_0)$ and passed as the
+    context, and the bridge boundary conditions
+    ([`nfdm_sciml.testing.check_bridge_boundary`][]) in place of NFDM's.
+
+    **Arguments:** as [`nfdm_sciml.testing.check_forward_process`][]; `delta` is the
+    bridge's floor at both ends.
+    """
+    dtype = jnp.dtype(jnp.result_type(float) if dtype is None else dtype)
+    width = 64 if dtype == jnp.float64 else 32
+    sources = hnp.arrays(
+        np.dtype(dtype), tuple(data_shape), elements=st.floats(-3, 3, width=width)
+    )
+
+    @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True)
+    @given(example_inputs(data_shape, dtype), sources)
+    def run(inputs, x1):
+        eps, t, x0 = (jnp.asarray(u) for u in inputs)
+        t, x1 = jnp.asarray(t, dtype), jnp.asarray(x1)
+        check_round_trip(process, eps, t, x0, x1)
+        check_log_det(process, eps, t, x0, x1)
+        check_velocity(process, eps, t, x0, x1)
+        check_score(process, eps, t, x0, x1)
+        check_bridge_boundary(process, eps, x0, x1, delta=delta)
+
+    run()
+
+
 def gaussian_posterior_mean(
     process: AbstractGaussianProcess, data_mean: float, data_std: float
 ) -> FunctionPredictor:

@@ -9,22 +9,52 @@ from nfdm_sciml import testing
 from .helpers import randomise
 
 
-def _bridge(key, data_size=2):
+def _bridge(key, data_size=2, kind="gaussian"):
     process = nf.GaussianBridge(data_size, width_size=16, depth=2, key=key)
+    if kind != "gaussian":
+        process = nf.NeuralFlowProcess(
+            data_size,
+            context_size=data_size,
+            transform=kind,
+            num_layers=2,
+            num_bins=4,
+            width_size=16,
+            depth=1,
+            gaussian=process,
+            key=jr.fold_in(key, 1),
+        )
+    # Random parameters everywhere, so that nothing passes because a layer is zero.
     return randomise(process, key)
 
 
-def test_bridge_process_invariants():
-    # Round trip, log-det, velocity against finite differences, score against an
-    # independent density, with the source as the context.
-    process = _bridge(jr.key(0))
-    source = jnp.array([1.5, -0.5])
-    testing.check_forward_process(process, (2,), context=source, dtype=jnp.float64)
+BRIDGES = ["gaussian", "affine", "spline"]
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_bridge_is_pinned_at_both_ends(seed):
-    process = _bridge(jr.key(seed), 3)
+@pytest.mark.parametrize("kind", BRIDGES)
+@pytest.mark.parametrize("data_size", [1, 3])
+def test_bridge_process_invariants(kind, data_size):
+    # Hypothesis draws (eps, t, x0, x1): round trip, log-det, velocity against finite
+    # differences, score against an independent density, and both pinned ends.
+    process = _bridge(jr.key(0), data_size, kind)
+    testing.check_bridge_process(
+        process, (data_size,), delta=0.01, dtype=jnp.float64, max_examples=10
+    )
+
+
+def test_bridge_check_catches_a_process_that_is_not_a_bridge():
+    # NFDM-Gaussian ends at N(0, I), not at the source: the check must say so.
+    process = randomise(
+        nf.NFDMGaussian(2, context_size=2, width_size=8, depth=1, key=jr.key(0)),
+        jr.key(1),
+    )
+    with pytest.raises(AssertionError, match="bridge boundary at t=1"):
+        testing.check_bridge_process(process, (2,), delta=0.01, dtype=jnp.float64)
+
+
+@pytest.mark.parametrize("kind", BRIDGES)
+@pytest.mark.parametrize("seed", range(2))
+def test_bridge_is_pinned_at_both_ends(kind, seed):
+    process = _bridge(jr.key(seed), 3, kind)
     ekey, xkey, skey = jr.split(jr.key(100 + seed), 3)
     eps = jr.normal(ekey, (3,), jnp.float64)
     x0 = 3 * jr.normal(xkey, (3,), jnp.float64)
@@ -36,9 +66,14 @@ def test_bridge_is_pinned_at_both_ends(seed):
         process(eps, jnp.array(1.0), x0, x1), x1 + 0.01 * eps, atol=1e-12
     )
     assert float(process.prior_kl(eps, x0, x1)) == 0.0
-    # In between the learned part moves the path off the straight line.
+    # In between the learned part moves the path off the straight line, and a
+    # non-Gaussian bridge off its Gaussian part.
+    half = jnp.array(0.5)
     straight = 0.5 * x0 + 0.5 * x1
-    assert not np.allclose(process(jnp.zeros(3), jnp.array(0.5), x0, x1), straight)
+    assert not np.allclose(process(jnp.zeros(3), half, x0, x1), straight)
+    if kind != "gaussian":
+        mu, sigma = process.gaussian.mean_and_scale(half, x0, x1)
+        assert not np.allclose(process(eps, half, x0, x1), mu + sigma * eps)
 
 
 def _pairs(key, n):
@@ -63,9 +98,16 @@ def test_bridge_loss_is_the_nfdm_loss_with_the_source_as_context():
     assert float(terms.prior) == 0.0 and "obstacle" in terms.penalties
 
 
-def test_bridge_trains_and_carries_sources_to_targets():
+@pytest.mark.parametrize("kind", ["gaussian", "spline"])
+def test_bridge_trains_and_carries_sources_to_targets(kind):
     bridge = nf.NeuralFlowBridge(
-        2, key=jr.key(4), width_size=32, depth=2, coupling=nf.ExactOTCoupling()
+        2,
+        key=jr.key(4),
+        width_size=32,
+        depth=2,
+        coupling=nf.ExactOTCoupling(),
+        forward=kind,
+        num_layers=2,
     )
     config = nf.TrainConfig(
         steps=600, batch_size=128, steps_per_call=300, learning_rate=3e-3, seed=1
@@ -103,3 +145,7 @@ def test_bad_input(no_typecheck):
         bridge.sample(jnp.zeros((4, 3)), key=jr.key(0))
     with pytest.raises(TypeError, match="AbstractCoupling"):
         nf.NeuralFlowBridge(2, key=jr.key(1), coupling="ot")  # pyright: ignore
+    with pytest.raises(ValueError, match="'gaussian', 'spline' or 'affine'"):
+        nf.NeuralFlowBridge(2, key=jr.key(1), forward="flow")  # pyright: ignore
+    with pytest.raises(TypeError, match="AbstractGaussianProcess"):
+        nf.NeuralFlowProcess(2, gaussian="bridge", key=jr.key(0))  # pyright: ignore
