@@ -151,6 +151,12 @@ def _sample_pairs(
 
 
 @jax.jit
+def _sample_partners(log_plan: Array, x1: Array, key: PRNGKeyArray) -> Array:
+    """One row of `x1` for each row of the plan, drawn from that row's conditional."""
+    return x1[jr.categorical(key, log_plan, axis=1)]
+
+
+@jax.jit
 def _hungarian_columns(x0: Array, x1: Array) -> Array:
     """`cols[i]` is the row of `x1` that the optimal assignment gives `x0[i]`."""
     cost = _squared_distances(x0, x1)
@@ -215,6 +221,24 @@ class AbstractCoupling(eqx.Module):
         Every row is a row of the corresponding input.
         """
 
+    @abc.abstractmethod
+    def match(
+        self,
+        x0: Float[Array, " n *dims"],
+        x1: Float[Array, " m *dims"],
+        *,
+        key: PRNGKeyArray,
+    ) -> Float[Array, " n *dims"]:
+        """A partner in `x1` for every row of `x0`, with `x0` kept in order.
+
+        Where `__call__` draws pairs from the plan (both sides resampled), `match`
+        draws each partner from the plan's row for that `x0[i]`, so that couplings
+        can be chained: matching `x1` to `x0`, then `x2` to the matched `x1`, and so
+        on, gives paths through several samples (the snapshots of a time course).
+
+        **Returns:** an array of the shape of `x0` whose row `i` is a row of `x1`.
+        """
+
 
 class IndependentCoupling(AbstractCoupling):
     r"""The product coupling $\pi_{ij} = 1/(nm)$: every pair is equally likely.
@@ -248,6 +272,15 @@ class IndependentCoupling(AbstractCoupling):
             return x0, x1
         cols = jr.choice(key, m, (n,), replace=m < n)
         return x0, x1[cols]
+
+    def match(
+        self,
+        x0: Float[Array, " n *dims"],
+        x1: Float[Array, " m *dims"],
+        *,
+        key: PRNGKeyArray,
+    ) -> Float[Array, " n *dims"]:
+        return self(x0, x1, key=key)[1]
 
 
 class ExactOTCoupling(AbstractCoupling):
@@ -290,6 +323,15 @@ class ExactOTCoupling(AbstractCoupling):
         del key
         _check_equal_sizes(x0, x1)
         return x0, x1[_hungarian_columns(x0, x1)]
+
+    def match(
+        self,
+        x0: Float[Array, " n *dims"],
+        x1: Float[Array, " m *dims"],
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, " n *dims"]:
+        return self(x0, x1, key=key)[1]
 
 
 def _check_equal_sizes(x0, x1) -> None:
@@ -352,6 +394,16 @@ class _AbstractEntropicCoupling(AbstractCoupling):
         _check_pair(x0, x1)
         log_plan = _entropic_log_plan(x0, x1, self._options)
         return _sample_pairs(log_plan, x0, x1, key)
+
+    def match(
+        self,
+        x0: Float[Array, " n *dims"],
+        x1: Float[Array, " m *dims"],
+        *,
+        key: PRNGKeyArray,
+    ) -> Float[Array, " n *dims"]:
+        _check_pair(x0, x1)
+        return _sample_partners(_entropic_log_plan(x0, x1, self._options), x1, key)
 
 
 class SinkhornCoupling(_AbstractEntropicCoupling):

@@ -274,3 +274,69 @@ def test_bad_constructor_arguments(no_typecheck):
 
 def test_all_couplings_subclass_the_interface():
     assert all(isinstance(c, AbstractCoupling) for c in COUPLINGS)
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS, ids=ids)
+def test_match_keeps_sources_and_returns_target_rows(normal, getkey, coupling):
+    x0, x1 = _batches(normal, coupling, example_shape=(3, 2))
+    partners = coupling.match(x0, x1, key=getkey())
+    assert partners.shape == x0.shape and partners.dtype == x1.dtype
+    assert _rows_of(partners, x1)
+    jitted = jax.jit(lambda a, b, k: coupling.match(a, b, key=k))
+    key = getkey()
+    np.testing.assert_array_equal(jitted(x0, x1, key), coupling.match(x0, x1, key=key))
+
+
+def test_exact_match_is_the_optimal_assignment(normal):
+    x0, x1 = _batches(normal, ExactOTCoupling())
+    partners = ExactOTCoupling().match(x0, x1)
+    np.testing.assert_array_equal(_sorted_rows(partners), _sorted_rows(x1))
+    plan = np.asarray(ExactOTCoupling().plan(x0, x1))
+    np.testing.assert_array_equal(partners, x1[np.argmax(plan, axis=1)])
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS[2:], ids=ids)
+def test_entropic_match_draws_from_the_plan_rows(normal, getkey, coupling):
+    # A large epsilon spreads every row over several partners: the frequency of each
+    # partner over many draws is the row's conditional, within sampling error.
+    coupling = type(coupling)(epsilon=0.5)
+    x0, x1 = _batches(normal, coupling)
+    draws = 4000
+    keys = jr.split(getkey(), draws)
+    partners = jax.vmap(lambda k: coupling.match(x0, x1, key=k))(keys)
+    # Which row of `x1` each draw picked.
+    index = np.argmax(
+        np.all(np.asarray(partners)[:, :, None] == np.asarray(x1)[None, None], -1), -1
+    )
+    frequencies = np.stack([np.bincount(row, minlength=M) for row in index.T]) / draws
+    plan = np.asarray(coupling.plan(x0, x1))
+    conditional = plan / plan.sum(1, keepdims=True)
+    assert conditional.max() < 0.95  # the rows really are spread
+    # Binomial standard error at 4000 draws is below 0.008.
+    np.testing.assert_allclose(frequencies, conditional, atol=0.035)
+
+
+def test_chained_matches_follow_clusters(normal, getkey):
+    # Three snapshots with two far-apart clusters each: chaining `match` keeps every
+    # path in its cluster.
+    centres = jnp.array([[-10.0, 0.0], [10.0, 0.0]])
+    snapshots = [
+        jnp.repeat(centres, N // 2, 0) + 0.1 * normal((N, 2)) for _ in range(3)
+    ]
+    for coupling in (ExactOTCoupling(), SinkhornCoupling()):
+        path = [snapshots[0]]
+        for nxt in snapshots[1:]:
+            path.append(coupling.match(path[-1], nxt, key=getkey()))
+        signs = jnp.sign(jnp.stack(path)[..., 0])
+        assert bool(jnp.all(signs == signs[:1]))
+
+
+def test_match_bad_input(no_typecheck, normal, getkey):
+    x = normal((N, 2))
+    for coupling in COUPLINGS:
+        with pytest.raises(ValueError, match="examples of the same shape"):
+            coupling.match(x, jnp.zeros((N, 3)), key=getkey())
+        with pytest.raises(ValueError, match="NaN or infinite values"):
+            coupling.match(x, x.at[0, 1].set(jnp.nan), key=getkey())
+    with pytest.raises(ValueError, match="use `SinkhornCoupling` for unequal sizes"):
+        ExactOTCoupling().match(x, x[:M])
