@@ -13,7 +13,7 @@ ENV = {"JAX_PLATFORMS": "cpu"}
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite minus checks marked slow (what CI runs)."""
-    session.install("-e", ".[tests]")
+    session.install("-e", ".[tests,anndata]")
     session.run(
         "pytest",
         "-m",

@@ -95,6 +95,28 @@ from ._solve import (
     sample_ode as sample_ode,
     sample_sde as sample_sde,
 )
+from ._timecourse import (
+    Snapshots as Snapshots,
+    TimeCourseFlowMatching as TimeCourseFlowMatching,
+    TimeCourseNFDM as TimeCourseNFDM,
+    TimeCourseSolution as TimeCourseSolution,
+)
+from ._timecourse_data import (
+    double_well as double_well,
+    noisy_lorenz as noisy_lorenz,
+    oscillator as oscillator,
+    TIME_COURSES as TIME_COURSES,
+)
+from ._timecourse_eval import (
+    default_time_course_config as default_time_course_config,
+    fit_time_course as fit_time_course,
+    FittedTimeCourse as FittedTimeCourse,
+    held_out_floor as held_out_floor,
+    leave_one_out as leave_one_out,
+    LeaveOneOutResult as LeaveOneOutResult,
+    model_method as model_method,
+    ot_interpolation as ot_interpolation,
+)
 from ._train import make_train_step as make_train_step, run_steps as run_steps
 from ._trainer import (
     initialise_distributed as initialise_distributed,

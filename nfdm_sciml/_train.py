@@ -14,6 +14,7 @@ from ._bridge import NeuralFlowBridge
 from ._constraints import Penalties
 from ._custom_types import Batch
 from ._model import LossTerms, NFDM
+from ._timecourse import TimeCourseNFDM
 
 
 StepFn = Callable[
@@ -54,12 +55,16 @@ def make_train_step(
             return model.batch_loss(
                 xs, key=key, objective=objective, penalties=penalties
             )
-        if isinstance(model, NeuralFlowBridge) and objective == "nelbo":
+        if (
+            isinstance(model, NeuralFlowBridge | TimeCourseNFDM)
+            and objective == "nelbo"
+        ):
             return model.batch_loss(xs, key=key, penalties=penalties)
         if objective != "nelbo" or penalties is not None:
             raise TypeError(
-                f"`objective` and `penalties` apply to NFDM and bridge models only; a "
-                f"{type(model).__name__} is trained on its own `batch_loss`."
+                "`objective` and `penalties` apply to NFDM, bridge and time-course "
+                f"NFDM models only; a {type(model).__name__} is trained on its own "
+                "`batch_loss`."
             )
         return model.batch_loss(xs, key=key)
 
