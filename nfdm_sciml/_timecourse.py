@@ -43,7 +43,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._checks import check_batch
 from ._constraints import PathPoint, Penalties
-from ._couplings import AbstractCoupling, SinkhornCoupling
+from ._couplings import AbstractCoupling, ExactOTCoupling, SinkhornCoupling
 from ._custom_types import Scalar
 from ._forward import _check_delta
 from ._nets import TimeMLP
@@ -229,6 +229,64 @@ class Snapshots:
 
         return sample
 
+    def chain_sampler(
+        self,
+        batch_size: int,
+        coupling: AbstractCoupling | None = None,
+        *,
+        max_size: int = 2000,
+        seed: int = 0,
+        dtype: Any = None,
+    ) -> Callable[[PRNGKeyArray], Float[Array, "batch times dim"]]:
+        """A traceable `key -> batch` of *chains*, shape `(batch, times, dim)`: a
+        sample of the first snapshot, then at each later time a partner drawn from
+        the coupling of the two whole populations (the plan's row for the previous
+        link). The plans are computed once, here, so training pays nothing per step
+        for them; use it with a model built with `coupling=None`.
+
+        Coupling whole populations also avoids the bias of minibatch couplings. Each
+        population is subsampled to at most `max_size` points (with `seed`), since the
+        plans take `max_size**2` entries each; `ExactOTCoupling` needs equal sizes,
+        so with it every population is subsampled to the smallest one.
+        """
+        if not (isinstance(batch_size, int) and batch_size > 0):
+            raise ValueError(f"`batch_size` must be a positive integer: {batch_size}.")
+        if not (isinstance(max_size, int) and max_size > 0):
+            raise ValueError(f"`max_size` must be a positive integer: {max_size}.")
+        coupling = _check_coupling(coupling)
+        dtype = jnp.result_type(float) if dtype is None else dtype
+        rng = np.random.default_rng(seed)
+        sizes = [min(len(x), max_size) for x in self.populations]
+        if isinstance(coupling, ExactOTCoupling):
+            sizes = [min(sizes)] * len(sizes)
+        pops = [
+            jnp.asarray(x[rng.choice(len(x), n, replace=False)], dtype)
+            for x, n in zip(self.populations, sizes, strict=True)
+        ]
+        largest = max(sizes)
+        table = jnp.stack([jnp.pad(x, ((0, largest - len(x)), (0, 0))) for x in pops])
+        log_plans = []
+        for a, b in zip(pops[:-1], pops[1:], strict=True):
+            plan = coupling.plan(a, b)
+            # Rows carry the conditional of the next link; a row with no mass at all
+            # (possible for an unbalanced plan) falls back to a uniform choice.
+            empty = jnp.sum(plan, axis=1, keepdims=True) <= 0
+            log_plan = jnp.where(empty, 0.0, jnp.log(plan)).astype(dtype)
+            padded = jnp.full((largest, largest), -jnp.inf, dtype)
+            log_plans.append(padded.at[: len(a), : len(b)].set(log_plan))
+        log_plans = jnp.stack(log_plans)
+        first = sizes[0]
+
+        def sample(key: PRNGKeyArray) -> Float[Array, "batch times dim"]:
+            keys = jr.split(key, len(sizes))
+            rows = [jr.randint(keys[0], (batch_size,), 0, first)]
+            for k in range(len(sizes) - 1):
+                rows.append(jr.categorical(keys[k + 1], log_plans[k][rows[-1]], axis=1))
+            index = jnp.stack(rows, axis=1)
+            return table[jnp.arange(len(sizes))[None, :], index]
+
+        return sample
+
 
 # ---------------------------------------------------------------------------------
 # The chain spline and the two models.
@@ -292,9 +350,12 @@ def _check_snapshot_batch(batch, num_times: int, dim: int) -> Array:
     return check_batch(batch, (num_times, dim), "batch (draws from every snapshot)")
 
 
-def _chain(coupling: AbstractCoupling, batch: Array, key: PRNGKeyArray) -> Array:
+def _chain(coupling: AbstractCoupling | None, batch: Array, key: PRNGKeyArray) -> Array:
     """Links independent draws from each snapshot into chains: each sample at time
-    $t_k$ gets a partner at $t_{k+1}$ from the coupling of the two minibatches."""
+    $t_k$ gets a partner at $t_{k+1}$ from the coupling of the two minibatches.
+    Without a coupling the batch holds chains already."""
+    if coupling is None:
+        return batch
     links = [batch[:, 0]]
     for k, lkey in enumerate(jr.split(key, batch.shape[1] - 1), start=1):
         links.append(coupling.match(links[-1], batch[:, k], key=lkey))
@@ -407,9 +468,11 @@ class TimeCourseNFDM(eqx.Module):
     r"""A neural flow diffusion model of a time course: one generative SDE (and ODE)
     in real time, trained on population snapshots without simulation.
 
-    Each training batch holds independent draws from every snapshot, shape
-    `(batch, times, dim)` ([`nfdm_sciml.Snapshots.sampler`][]); `coupling` links them
-    into chains across consecutive times. The forward process of a chain is a cubic
+    Each training batch holds one chain per row, shape `(batch, times, dim)`: a
+    sample of every snapshot, linked across consecutive times by a coupling, either
+    of the whole populations ([`nfdm_sciml.Snapshots.chain_sampler`][]) or of the
+    minibatch (independent draws from [`nfdm_sciml.Snapshots.sampler`][] and a
+    `coupling` given to the model). The forward process of a chain is a cubic
     spline through it (`interpolation="cubic"`, or piecewise linear) reshaped by a
     network between the snapshots, with a spread that vanishes to `delta` at every
     snapshot; see the module docstring for the equations. The predictor guesses the
@@ -423,8 +486,10 @@ class TimeCourseNFDM(eqx.Module):
     - `times`: the snapshot times the model is trained on, strictly increasing.
     - `dim`: the dimension of one sample.
     - `key`: a JAX PRNG key.
-    - `coupling`: links consecutive minibatches; entropic OT
-      ([`nfdm_sciml.SinkhornCoupling`][] at `epsilon=0.01`) by default.
+    - `coupling`: `None` (the default) if the batches are chains already, drawn
+      from couplings of whole populations by [`nfdm_sciml.Snapshots.chain_sampler`][]
+      (what [`nfdm_sciml.fit_time_course`][] does); or a coupling that links
+      independent draws ([`nfdm_sciml.Snapshots.sampler`][]) minibatch by minibatch.
     - `width_size`, `depth`: of every network.
     - `delta`: the spread of each conditional path at the snapshots.
     - `spread`: the base spread half-way between snapshots, before the network
@@ -437,7 +502,7 @@ class TimeCourseNFDM(eqx.Module):
     predictor: TimeMLP
     velocity: TimeMLP
     volatility: AbstractVolatility
-    coupling: AbstractCoupling
+    coupling: AbstractCoupling | None
     knots: _Knots
     dim: int = eqx.field(static=True)
     delta: float = eqx.field(static=True)
@@ -470,7 +535,7 @@ class TimeCourseNFDM(eqx.Module):
         self.knots = _Knots.of(times)
         self.dim, self.delta, self.spread = dim, float(delta), float(spread)
         self.cubic = interpolation == "cubic"
-        self.coupling = _check_coupling(coupling)
+        self.coupling = None if coupling is None else _check_coupling(coupling)
         fkey, pkey, vkey, okey = jr.split(key, 4)
         size = len(self.knots.knots) * dim
         self.forward_net = TimeMLP(
@@ -574,10 +639,12 @@ class TimeCourseNFDM(eqx.Module):
         key: PRNGKeyArray,
         penalties: Penalties | None = None,
     ) -> tuple[Scalar, dict[str, Array]]:
-        """The objective on independent draws from every snapshot, chained by the
-        coupling inside. **Returns:** `(loss, terms)` with the path KL as
-        `"diffusion"`, the unweighted penalties as `"penalty/<name>"` and the total as
-        `"loss"`."""
+        """The objective on a batch of chains (or of independent draws from every
+        snapshot, linked here by the model's coupling).
+
+        **Returns:** `(loss, terms)` with the path KL as `"diffusion"`, the fit of
+        the ODE velocity as `"velocity_fit"`, the unweighted penalties as
+        `"penalty/<name>"` and the total as `"loss"`."""
         batch = _check_snapshot_batch(batch, len(self.knots.knots), self.dim)
         ckey, rkey, ekey = jr.split(key, 3)
         chains = _chain(self.coupling, batch, ckey)
@@ -650,10 +717,11 @@ def _check_span(model, t_start, t_end) -> None:
 
 
 class TimeCourseFlowMatching(eqx.Module):
-    r"""The baseline of trajectory inference: minibatch-OT conditional flow matching
-    in real time (OT-CFM, Tong et al. 2024). Chains are linked as for
-    [`nfdm_sciml.TimeCourseNFDM`][]; on each interval the velocity network regresses
-    the straight line between consecutive chain points,
+    r"""The baseline of trajectory inference: OT conditional flow matching in real
+    time (OT-CFM, Tong et al. 2024). Chains are linked as for
+    [`nfdm_sciml.TimeCourseNFDM`][] (the same `coupling` argument); on each
+    interval the velocity network regresses the straight line between consecutive
+    chain points,
     $\|v_\theta(z, r) - (x_{k+1} - x_k)/(r_{k+1} - r_k)\|^2$ at
     $z = (1 - u)x_k + u x_{k+1} + \sigma\xi$; generation integrates the ODE.
 
@@ -662,7 +730,7 @@ class TimeCourseFlowMatching(eqx.Module):
     """
 
     velocity: TimeMLP
-    coupling: AbstractCoupling
+    coupling: AbstractCoupling | None
     knots: _Knots
     dim: int = eqx.field(static=True)
     sigma: float = eqx.field(static=True)
@@ -684,7 +752,7 @@ class TimeCourseFlowMatching(eqx.Module):
             raise ValueError(f"`dim` must be a positive integer, got {dim!r}.")
         self.knots = _Knots.of(times)
         self.dim, self.sigma = dim, float(sigma)
-        self.coupling = _check_coupling(coupling)
+        self.coupling = None if coupling is None else _check_coupling(coupling)
         self.velocity = TimeMLP(dim, dim, width_size=width_size, depth=depth, key=key)
 
     @property

@@ -13,7 +13,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._constraints import Penalties
-from ._couplings import ExactOTCoupling
+from ._couplings import AbstractCoupling, ExactOTCoupling, SinkhornCoupling
 from ._data import Standardiser
 from ._metrics import wasserstein
 from ._progress import NoProgress
@@ -97,6 +97,8 @@ def fit_time_course(
     config: TrainConfig | None = None,
     penalties: Penalties | None = None,
     trainer: Trainer | None = None,
+    coupling: AbstractCoupling | Literal["minibatch"] | None = None,
+    max_plan_size: int = 2000,
     **model_kwargs: Any,
 ) -> FittedTimeCourse:
     """Trains a time-course model on all the given snapshots.
@@ -115,6 +117,12 @@ def fit_time_course(
     - `penalties`: for `"nfdm"`, e.g. `Penalties(energy=(0.1, KineticEnergy()))`.
     - `trainer`: a ready [`nfdm_sciml.Trainer`][] (for a run folder or progress);
       built from `config` and `penalties` otherwise.
+    - `coupling`: how samples of consecutive snapshots are linked into chains: a
+      coupling of the whole (standardised) populations, computed once
+      ([`nfdm_sciml.Snapshots.chain_sampler`][]; `SinkhornCoupling(epsilon=0.01)`
+      if `None`), or `"minibatch"` for entropic OT between the minibatches of every
+      step (slower: five couplings of 256 points cost about 0.1–0.5 s a step here).
+    - `max_plan_size`: the most points of each population in the plans.
     - `model_kwargs`: passed to the model's constructor.
 
     **Returns:** a [`nfdm_sciml.FittedTimeCourse`][].
@@ -126,6 +134,10 @@ def fit_time_course(
         )
     if method not in _MODELS:
         raise ValueError(f"`method` must be one of {sorted(_MODELS)}, got {method!r}.")
+    if isinstance(coupling, str) and coupling != "minibatch":
+        raise ValueError(
+            f"`coupling` must be a coupling, None or 'minibatch'; got {coupling!r}."
+        )
     if penalties is not None and method != "nfdm":
         raise ValueError(
             "Penalties shape the NFDM's forward process; use method='nfdm'."
@@ -138,12 +150,25 @@ def fit_time_course(
         jnp.asarray(np.concatenate(snapshots.populations), dtype)
     )
     scaled = snapshots.map(lambda x: standardiser.transform(jnp.asarray(x, dtype)))
+    minibatch = isinstance(coupling, str)
     model = _MODELS[method](
-        snapshots.times, snapshots.dim, key=jr.key(seed), **model_kwargs
+        snapshots.times,
+        snapshots.dim,
+        key=jr.key(seed),
+        coupling=SinkhornCoupling(epsilon=0.01) if minibatch else None,
+        **model_kwargs,
     )
-    state, _ = trainer.fit(
-        trainer.init(model), scaled.sampler(trainer.config.batch_size, dtype)
-    )
+    if minibatch:
+        sampler = scaled.sampler(trainer.config.batch_size, dtype)
+    else:
+        sampler = scaled.chain_sampler(
+            trainer.config.batch_size,
+            cast(AbstractCoupling | None, coupling),
+            max_size=max_plan_size,
+            seed=seed,
+            dtype=dtype,
+        )
+    state, _ = trainer.fit(trainer.init(model), sampler)
     trained = state.ema if state.ema is not None else state.model
     return FittedTimeCourse(cast(Any, trained), standardiser)
 

@@ -86,7 +86,7 @@ def test_bad_input(no_typecheck):
         model.batch_loss(jnp.zeros((4, 3)), key=jr.key(0))
     with pytest.raises(TypeError, match="sample_ode"):
         nf.sample_sde(model, 4, key=jr.key(0))  # pyright: ignore[reportArgumentType]
-    with pytest.raises(TypeError, match="NFDM and bridge models only"):
+    with pytest.raises(TypeError, match="bridge and time-course NFDM models only"):
         step = nf.make_train_step(
             nf.TrainConfig().optimiser(), penalties=nf.Penalties(k=nf.KineticEnergy())
         )

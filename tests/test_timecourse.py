@@ -92,6 +92,36 @@ def test_drop_map_and_sampler(snapshots):
         snapshots.sampler(0)
 
 
+def test_chain_sampler_follows_the_population_plans(getkey):
+    # Two far-apart clusters that swap sides at every time: with exact OT over the
+    # whole populations every chain is a translation of its first point.
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=(40, DIM))
+    times = (0.0, 1.0, 2.0)
+    snaps = nf.Snapshots(times, [base + 3.0 * k for k in range(3)])
+    sample = jax.jit(snaps.chain_sampler(16, nf.ExactOTCoupling(), dtype=jnp.float64))
+    chains = np.asarray(sample(getkey()))
+    assert chains.shape == (16, 3, DIM)
+    np.testing.assert_allclose(chains[:, 1] - chains[:, 0], 3.0, atol=1e-12)
+    np.testing.assert_allclose(chains[:, 2] - chains[:, 0], 6.0, atol=1e-12)
+    # Entropic plans on populations of different sizes: every link is a row of its
+    # own population and the clusters are kept.
+    # A third of each population is on the left, so no mass needs to cross.
+    left = rng.normal(size=(20, DIM)) * 0.1 - 5.0
+    right = rng.normal(size=(40, DIM)) * 0.1 + 5.0
+    pops = [np.concatenate([left[:n], right[: 2 * n]]) for n in (10, 20, 15)]
+    snaps = nf.Snapshots(times, pops)
+    chains = np.asarray(snaps.chain_sampler(64)(getkey()))
+    for k, pop in enumerate(pops):
+        assert np.all(np.any(np.all(chains[:, k, None] == pop[None], -1), 1))
+    signs = np.sign(chains[..., 0])
+    assert np.all(signs == signs[:, :1])
+    with pytest.raises(ValueError, match="max_size"):
+        snaps.chain_sampler(8, max_size=0)
+    with pytest.raises(TypeError, match="AbstractCoupling"):
+        snaps.chain_sampler(8, "exact")  # pyright: ignore[reportArgumentType]
+
+
 def test_from_anndata(snapshots):
     anndata = pytest.importorskip("anndata")
     pd = pytest.importorskip("pandas")
@@ -211,7 +241,8 @@ def test_loss_is_zero_for_the_true_chain(model, getkey):
 
 def test_batch_loss_penalties_and_training(snapshots):
     model = nf.TimeCourseNFDM(TIMES, DIM, key=jr.key(1), width_size=16, depth=2)
-    batch = snapshots.sampler(32, jnp.float64)(jr.key(2))
+    chains = snapshots.chain_sampler(32, dtype=jnp.float64)
+    batch = chains(jr.key(2))
     loss, terms = model.batch_loss(batch, key=jr.key(3))
     assert set(terms) == {"diffusion", "velocity_fit", "loss"}
     assert bool(jnp.isfinite(loss))
@@ -225,7 +256,7 @@ def test_batch_loss_penalties_and_training(snapshots):
         penalties=penalties,
         progress=nf.NoProgress(),
     )
-    _, records = trainer.fit(trainer.init(model), snapshots.sampler(32, jnp.float64))
+    _, records = trainer.fit(trainer.init(model), chains)
     assert records[-1]["loss"] < records[0]["loss"]
     with pytest.raises(ValueError, match="batch"):
         model.batch_loss(batch[:, :3], key=jr.key(3))
