@@ -310,6 +310,9 @@ class _Knots(eqx.Module):
         span = times[-1] - times[0]
         return cls(tuple((t - times[0]) / span for t in times), times[0], span)
 
+    def real_times(self) -> tuple[float, ...]:
+        return tuple(self.start + r * self.span for r in self.knots)
+
     def normalise(self, t) -> Any:
         return (t - self.start) / self.span
 
@@ -344,6 +347,11 @@ class _Knots(eqx.Module):
         h00, h10 = 2 * u**3 - 3 * u**2 + 1, u**3 - 2 * u**2 + u
         h01, h11 = -2 * u**3 + 3 * u**2, u**3 - u**2
         return h00 * chain[k] + h10 * h * m[k] + h01 * chain[k + 1] + h11 * h * m[k + 1]
+
+
+def _check_dim(dim) -> None:
+    if not (isinstance(dim, int) and dim > 0):
+        raise ValueError(f"`dim` must be a positive integer, got {dim!r}.")
 
 
 def _check_snapshot_batch(batch, num_times: int, dim: int) -> Array:
@@ -530,8 +538,7 @@ class TimeCourseNFDM(eqx.Module):
             raise ValueError(
                 f"`interpolation` must be 'cubic' or 'linear', got {interpolation!r}."
             )
-        if not (isinstance(dim, int) and dim > 0):
-            raise ValueError(f"`dim` must be a positive integer, got {dim!r}.")
+        _check_dim(dim)
         self.knots = _Knots.of(times)
         self.dim, self.delta, self.spread = dim, float(delta), float(spread)
         self.cubic = interpolation == "cubic"
@@ -552,8 +559,7 @@ class TimeCourseNFDM(eqx.Module):
     @property
     def times(self) -> tuple[float, ...]:
         """The real snapshot times the model was built on."""
-        k = self.knots
-        return tuple(k.start + r * k.span for r in k.knots)
+        return self.knots.real_times()
 
     def mean_and_scale(
         self, r: Scalar, chain: Float[Array, "times dim"]
@@ -748,8 +754,7 @@ class TimeCourseFlowMatching(eqx.Module):
     ):
         if not sigma >= 0:
             raise ValueError(f"`sigma` must be >= 0, got {sigma}.")
-        if not (isinstance(dim, int) and dim > 0):
-            raise ValueError(f"`dim` must be a positive integer, got {dim!r}.")
+        _check_dim(dim)
         self.knots = _Knots.of(times)
         self.dim, self.sigma = dim, float(sigma)
         self.coupling = None if coupling is None else _check_coupling(coupling)
@@ -757,8 +762,8 @@ class TimeCourseFlowMatching(eqx.Module):
 
     @property
     def times(self) -> tuple[float, ...]:
-        k = self.knots
-        return tuple(k.start + r * k.span for r in k.knots)
+        """The real snapshot times the model was built on."""
+        return self.knots.real_times()
 
     def ode_drift(self, z: Float[Array, " dim"], r: Scalar) -> Float[Array, " dim"]:
         """The learned velocity $v_\\theta(z, r)$ in normalised time."""
