@@ -429,6 +429,10 @@ def _simulate(
     inside = [r for r in knots.knots if r0 < r < r1]
     grid = np.unique(np.concatenate([np.linspace(r0, r1, num_steps + 1), inside]))
     grid = np.unique(np.concatenate([grid, r_saves]))
+    # Times closer than float32 can tell apart (a save time next to a uniform step)
+    # would make the steps non-increasing: keep the first of each such cluster.
+    keep = np.concatenate([[True], np.diff(grid) > 1e-6])
+    grid = grid[keep]
     return _solve_grid(drift, volatility, z0, tuple(grid), tuple(r_saves), key, saves)
 
 

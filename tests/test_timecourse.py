@@ -268,6 +268,11 @@ def test_simulate(model, snapshots, getkey):
     assert sol.trajectories.shape == (5, 3, DIM) and sol.final.shape == (5, DIM)
     np.testing.assert_allclose(sol.times, [0.0, 1.0, 3.0])
     assert bool(jnp.all(jnp.isfinite(sol.trajectories)))
+    # Save times that nearly coincide with the uniform steps (as 61 evenly spaced
+    # times do with 100 steps) must not make the grid non-increasing in float32.
+    many = list(np.linspace(0.0, 3.0, 61))
+    sol = model.simulate(z0, 0.0, 3.0, key=getkey(), save_times=many)
+    assert sol.trajectories.shape == (5, 61, DIM)
     one = model.simulate(z0, 0.5, 2.0, key=jr.key(0), stochastic=False, num_steps=7)
     two = model.simulate(z0, 0.5, 2.0, key=jr.key(0), stochastic=False, num_steps=7)
     np.testing.assert_array_equal(one.final, two.final)
