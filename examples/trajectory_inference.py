@@ -142,6 +142,10 @@ def run_dataset(name, args, results):
             f"({seconds[label]:.0f} s)",
             flush=True,
         )
+    return snapshots, predictions
+
+
+def plot_dataset(name, snapshots, predictions, args):
     plot_predictions(name, snapshots, predictions, Path(args.figures))
     if "NFDM (SDE)" in args.methods:
         plot_trajectories(name, snapshots, args, Path(args.figures))
@@ -243,6 +247,8 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     if args.command == "report":
+        if not out.exists():
+            raise SystemExit(f"No results at {out}; run the script without `report`.")
         print(report(out))
         return
     unknown = sorted(set(args.datasets) - set(nf.TIME_COURSES))
@@ -253,8 +259,10 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() else {}
     for name in args.datasets:
-        run_dataset(name, args, results)
+        snapshots, predictions = run_dataset(name, args, results)
+        # The rows are saved before the figures, so a plotting error loses none.
         out.write_text(json.dumps(results, indent=1))
+        plot_dataset(name, snapshots, predictions, args)
     print(report(out))
 
 

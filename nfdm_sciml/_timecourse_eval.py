@@ -320,7 +320,8 @@ def leave_one_out(
                 )
             run: Method = ot_interpolation
         elif method in _MODELS:
-            run = model_method(method, **method_kwargs)  # pyright: ignore[reportArgumentType]
+            name = cast(Literal["nfdm", "ot-cfm"], method)
+            run = model_method(name, **method_kwargs)
         else:
             raise ValueError(
                 f"Unknown method {method!r}; choose 'nfdm', 'ot-cfm', "
