@@ -69,6 +69,18 @@ from ._forward import (
     NFDMGaussian as NFDMGaussian,
     VariancePreserving as VariancePreserving,
 )
+from ._latent_sde import (
+    AbstractDiffusion as AbstractDiffusion,
+    DiagonalDiffusion as DiagonalDiffusion,
+    forecast_error as forecast_error,
+    GaussianObservation as GaussianObservation,
+    LatentSDE as LatentSDE,
+    LatentSolution as LatentSolution,
+    matched_drift as matched_drift,
+    PriorSDE as PriorSDE,
+    SeriesEncoder as SeriesEncoder,
+    SolverLatentSDE as SolverLatentSDE,
+)
 from ._likelihood import (
     LikelihoodEstimate as LikelihoodEstimate,
     nelbo_estimate as nelbo_estimate,
@@ -90,6 +102,14 @@ from ._progress import (
     TextProgress as TextProgress,
 )
 from ._recipes import build_model as build_model, MODEL_KINDS as MODEL_KINDS
+from ._series import energy_distance as energy_distance, TimeSeries as TimeSeries
+from ._series_data import (
+    load_basic_motions as load_basic_motions,
+    series_dataset as series_dataset,
+    SERIES_DATASETS as SERIES_DATASETS,
+    stochastic_lorenz as stochastic_lorenz,
+    stochastic_van_der_pol as stochastic_van_der_pol,
+)
 from ._solve import (
     ReverseSolution as ReverseSolution,
     sample_ode as sample_ode,
