@@ -69,6 +69,15 @@ from ._forward import (
     NFDMGaussian as NFDMGaussian,
     VariancePreserving as VariancePreserving,
 )
+from ._images import (
+    bits_per_dim as bits_per_dim,
+    IMAGE_DATASETS as IMAGE_DATASETS,
+    ImageDataset as ImageDataset,
+    load_cifar10 as load_cifar10,
+    load_digits_images as load_digits_images,
+    load_image_folder as load_image_folder,
+    load_images as load_images,
+)
 from ._latent_sde import (
     AbstractDiffusion as AbstractDiffusion,
     DiagonalDiffusion as DiagonalDiffusion,
@@ -143,6 +152,12 @@ from ._trainer import (
     TrainConfig as TrainConfig,
     Trainer as Trainer,
     TrainState as TrainState,
+)
+from ._unet import (
+    build_image_model as build_image_model,
+    ImageNFDMGaussian as ImageNFDMGaussian,
+    ImagePredictor as ImagePredictor,
+    UNet as UNet,
 )
 from ._volatility import (
     AbstractVolatility as AbstractVolatility,
