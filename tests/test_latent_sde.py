@@ -353,3 +353,26 @@ def test_energy_distance(a, b):
 def test_energy_distance_errors():
     with pytest.raises(ValueError, match="at least two"):
         nf.energy_distance(jnp.zeros((1, 2)), jnp.zeros((3, 2)))
+
+
+def test_subsampled_reconstruction_is_unbiased(getkey):
+    series = _series(n=1, key=getkey())
+    mkey = getkey()
+    full = nf.LatentSDE(2, 3, hidden_size=8, observation_scale=0.5, key=mkey)
+    some = nf.LatentSDE(
+        2, 3, hidden_size=8, observation_scale=0.5, reconstruction_points=2, key=mkey
+    )
+    u = jnp.asarray(0.5)
+
+    def rec(model, key):
+        args = (series.times[0], series.values[0], series.mask[0], u)
+        return model.series_loss(*args, key=key)["reconstruction"]
+
+    keys = jr.split(getkey(), 4000)
+    a = jax.vmap(lambda k: rec(full, k))(keys)
+    b = jax.vmap(lambda k: rec(some, k))(keys)
+    error = jnp.sqrt(jnp.var(a) / a.shape[0] + jnp.var(b) / b.shape[0])
+    assert abs(float(jnp.mean(a) - jnp.mean(b))) < 4 * float(error)
+    assert float(jnp.var(b)) > float(jnp.var(a))  # it is a real subsample
+    with pytest.raises(ValueError, match="reconstruction_points"):
+        nf.LatentSDE(2, 3, reconstruction_points=0, key=getkey())
