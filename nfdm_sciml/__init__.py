@@ -155,6 +155,7 @@ from ._trainer import (
 )
 from ._unet import (
     build_image_model as build_image_model,
+    IMAGE_MODEL_KINDS as IMAGE_MODEL_KINDS,
     ImageNFDMGaussian as ImageNFDMGaussian,
     ImagePredictor as ImagePredictor,
     UNet as UNet,

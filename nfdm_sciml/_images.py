@@ -77,6 +77,42 @@ class ImageDataset:
         set's levels, of the given `scale` (the forward process's $\\delta$)."""
         return DiscretisedGaussianDecoder(self.num_levels, scale=scale)
 
+    def split(
+        self, held_out_fraction: float = 0.2, *, seed: int = 0
+    ) -> tuple["ImageDataset", "ImageDataset"]:
+        """Holds out a random part of the images, for data sets without an official
+        test split (the digits, image folders).
+
+        The images are permuted by `numpy.random.default_rng(seed)` and the first
+        `round(held_out_fraction * n)` of the permutation are held out, so the same
+        data and seed give the same split on every machine. Both parts keep
+        `num_levels`, `name` and their share of the labels.
+
+        **Arguments:**
+
+        - `held_out_fraction`: the share of the images to hold out, in (0, 1).
+        - `seed`: the seed of the permutation. Keep it fixed across the runs you
+            compare, so that they are scored on the same images.
+
+        **Returns:** `(train, held_out)`, two [`nfdm_sciml.ImageDataset`][]s.
+        """
+        n = self.images.shape[0]
+        num_held_out = round(held_out_fraction * n) if 0 < held_out_fraction < 1 else 0
+        if not 0 < num_held_out < n:
+            raise ValueError(
+                f"`split` needs a `held_out_fraction` in (0, 1) that leaves images on "
+                f"both sides; got {held_out_fraction!r} for {n} images."
+            )
+        order = np.random.default_rng(seed).permutation(n)
+
+        def part(indices):
+            labels = None if self.labels is None else self.labels[indices]
+            return ImageDataset(
+                self.images[indices], self.num_levels, labels, self.name
+            )
+
+        return part(order[num_held_out:]), part(order[:num_held_out])
+
 
 def bits_per_dim(
     nats: Float[ArrayLike, "*batch"], num_dims: int

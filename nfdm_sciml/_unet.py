@@ -1,5 +1,5 @@
 r"""A time-conditioned U-Net for images, and the image forward process, predictor and
-model built on it.
+models built on it.
 
 The vector components ([`nfdm_sciml.NFDMGaussian`][], [`nfdm_sciml.Predictor`][])
 see an example as one flat vector through an MLP. For images of shape
@@ -7,8 +7,9 @@ see an example as one flat vector through an MLP. For images of shape
 changes: [`nfdm_sciml.ImageNFDMGaussian`][] reads $(\bar\mu_\phi, \bar\ell_\phi)$ off
 the $2C$ output channels of a [`nfdm_sciml.UNet`][], and
 [`nfdm_sciml.ImagePredictor`][] the correction of $\hat x_\theta$ off its $C$ output
-channels. [`nfdm_sciml.build_image_model`][] puts them together with a learned
-volatility and the discretised decoder that gives bits per dimension.
+channels. [`nfdm_sciml.build_image_model`][] puts them together with a volatility and
+the discretised decoder that gives bits per dimension, for NFDM and for the fixed
+baselines (VDM, FM-OT) with the same predictor.
 
 Every network here acts on one image; batch with `jax.vmap`.
 """
@@ -24,10 +25,15 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._custom_types import Context, Data, Scalar, Time
 from ._decoder import DiscretisedGaussianDecoder
-from ._forward import _check_delta, AbstractGaussianProcess
+from ._forward import (
+    _check_delta,
+    AbstractGaussianProcess,
+    LinearInterpolant,
+    VariancePreserving,
+)
 from ._model import NFDM
 from ._predictor import AbstractPredictor
-from ._volatility import NeuralVolatility
+from ._volatility import LinearSNRVolatility, NeuralVolatility
 
 
 class _TimeEmbedding(eqx.Module):
@@ -368,6 +374,11 @@ class UNet(eqx.Module):
             )
         # Everything is cast to the weights' dtype so that float32 networks accept
         # float64 data (and vice versa) under strict dtype promotion.
+        # TODO: no mixed precision. Computing here in bfloat16 with float32 weights
+        # is easy, but the bound compares velocities from JVPs of this network at x
+        # and at x_hat and divides their gap by g(t)^2: bfloat16 rounding there does
+        # not cancel and biases the NELBO. It needs the boundary terms and the loss
+        # kept in float32 and a check of the bound against float32 on a GPU.
         dtype = self.conv_in.weight.dtype
         h = x.astype(dtype)
         if self.context_channels:
@@ -500,10 +511,17 @@ class ImagePredictor(AbstractPredictor):
         return (1 - t) * z + (t + self.delta) * out
 
 
+IMAGE_MODEL_KINDS = ("nfdm", "vdm", "fmot")
+# The end of the variance-preserving schedule, as for vector data: sigmoid(-10) leaves
+# a signal fraction of 4.5e-5 at t = 1, so the prior term is negligible.
+_VP_GAMMA_MAX = 10.0
+
+
 def build_image_model(
     data_shape: Sequence[int],
     *,
     key: PRNGKeyArray,
+    kind: str = "nfdm",
     num_levels: int = 256,
     context_channels: int = 0,
     width_size: int = 64,
@@ -515,36 +533,63 @@ def build_image_model(
     delta: float = 1e-3,
     pin_prior: bool = True,
 ) -> NFDM:
-    r"""Builds an NFDM for images on `num_levels` discrete levels per pixel.
+    r"""Builds a diffusion model for images on `num_levels` discrete levels per pixel,
+    by name, with U-Nets of the given configuration.
 
-    The forward process is an [`nfdm_sciml.ImageNFDMGaussian`][] and the predictor an
-    [`nfdm_sciml.ImagePredictor`][], each with its own [`nfdm_sciml.UNet`][] of the
-    given configuration; the volatility is a [`nfdm_sciml.NeuralVolatility`][]; the
-    decoder is `DiscretisedGaussianDecoder(num_levels, scale=delta)`, so the data must
-    lie on its bin centres $-1 + 2k/(L - 1)$ (as every loader of
-    [`nfdm_sciml.load_images`][] returns them) and the NELBO bounds the discrete
-    negative log-likelihood.
+    - `"nfdm"`: the learned forward process [`nfdm_sciml.ImageNFDMGaussian`][] (a
+        U-Net of its own) and a learned [`nfdm_sciml.NeuralVolatility`][].
+    - `"vdm"`: the fixed [`nfdm_sciml.VariancePreserving`][] process with its
+        matching [`nfdm_sciml.LinearSNRVolatility`][] (the VP-SDE), on the schedule
+        $\gamma(t)$ from $\gamma_{\min} = \log(\delta^2 / (1 - \delta^2))$ to 10, so
+        that its noise at $t = 0$ is $\sigma_0 = \delta$ as for the other kinds.
+    - `"fmot"`: the fixed [`nfdm_sciml.LinearInterpolant`][] of noise floor $\delta$
+        with a learned volatility.
+
+    Every kind has the same predictor, an [`nfdm_sciml.ImagePredictor`][] on a
+    [`nfdm_sciml.UNet`][] of the given configuration (initialised the same for the
+    same `key`), and the decoder `DiscretisedGaussianDecoder(num_levels,
+    scale=delta)`, so the data must lie on its bin centres $-1 + 2k/(L - 1)$ (as every
+    loader of [`nfdm_sciml.load_images`][] returns them) and the NELBO bounds the
+    discrete negative log-likelihood.
+
+    !!! note
+        With the same U-Net options, `"nfdm"` has about twice the parameters of the
+        fixed kinds: its forward process is a second U-Net, of the same size as the
+        predictor's.
 
     **Arguments:**
 
     - `data_shape`: `(channels, height, width)` of one image.
     - `key`: a JAX PRNG key.
+    - `kind`: `"nfdm"`, `"vdm"` or `"fmot"` (see above).
     - `num_levels`: levels per pixel (256 for 8-bit images, 17 for the digits).
     - `context_channels`, `width_size`, `channel_multipliers`, `num_res_blocks`,
-        `attention_resolutions`, `num_groups`, `num_heads`: of both U-Nets, see
+        `attention_resolutions`, `num_groups`, `num_heads`: of every U-Net, see
         `UNet`.
     - `delta`: the noise floor at $t = 0$ and the decoder's scale; the default is a
         quarter of the half-spacing of 8-bit levels.
-    - `pin_prior`: see `ImageNFDMGaussian`.
+    - `pin_prior`: see `ImageNFDMGaussian`; only for `kind="nfdm"`.
 
     **Returns:** an [`nfdm_sciml.NFDM`][] with `data_shape` set.
     """
+    if kind not in IMAGE_MODEL_KINDS:
+        raise ValueError(
+            f"Unknown image model kind {kind!r}; choose one of "
+            f"{', '.join(IMAGE_MODEL_KINDS)}."
+        )
+    if kind != "nfdm" and not pin_prior:
+        raise ValueError(
+            f"`pin_prior=False` learns the end point of the forward process, which "
+            f"only kind='nfdm' has; the fixed process of kind={kind!r} cannot learn "
+            "it: leave `pin_prior` at True."
+        )
     shape = tuple(data_shape)
     if len(shape) != 3:
         raise ValueError(
             "`build_image_model` needs `data_shape` as (channels, height, width), got "
             f"{shape}."
         )
+    _check_delta(delta, "build_image_model")
     channels, height, width = shape
     fkey, pkey, vkey = jr.split(key, 3)
 
@@ -563,10 +608,22 @@ def build_image_model(
             key=unet_key,
         )
 
+    predictor = ImagePredictor(unet(channels, pkey), delta)
+    if kind == "nfdm":
+        forward = ImageNFDMGaussian(unet(2 * channels, fkey), delta, pin_prior)
+        volatility = NeuralVolatility(key=vkey)
+    elif kind == "fmot":
+        forward = LinearInterpolant(delta)
+        volatility = NeuralVolatility(key=vkey)
+    else:
+        # sigmoid(gamma_min) = delta^2: the VP noise at t = 0 is the same floor.
+        gamma_min = math.log(delta**2 / (1 - delta**2))
+        forward = VariancePreserving(gamma_min, _VP_GAMMA_MAX)
+        volatility = LinearSNRVolatility(gamma_min, _VP_GAMMA_MAX)
     return NFDM(
-        ImageNFDMGaussian(unet(2 * channels, fkey), delta, pin_prior),
-        ImagePredictor(unet(channels, pkey), delta),
-        NeuralVolatility(key=vkey),
+        forward,
+        predictor,
+        volatility,
         DiscretisedGaussianDecoder(num_levels, scale=delta),
         data_shape=shape,
     )

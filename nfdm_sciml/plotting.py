@@ -1,4 +1,5 @@
-"""Matplotlib figures of samples, trajectories and training curves (PNG files).
+"""Matplotlib figures of samples, image grids, trajectories and training curves (PNG
+files).
 
 Every function draws on its own `matplotlib.figure.Figure` (not through pyplot), so it
 needs no display, leaves the user's backend alone and keeps no figure open.
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
+from jaxtyping import Float
 from matplotlib.figure import Figure
 
 from ._constraints import AbstractShape
@@ -137,4 +140,69 @@ def plot_curves(
     ax.legend()
     if title:
         ax.set_title(title)
+    return _save(fig, path)
+
+
+def _mosaic(images: np.ndarray, num_columns: int) -> np.ndarray:
+    # Tiles (n, channels, height, width) into one (rows, columns, channels) picture
+    # with a one-pixel gap of NaN between tiles.
+    n, channels, height, width = images.shape
+    columns = min(num_columns, n)
+    rows = -(-n // columns)
+    out = np.full(
+        (rows * (height + 1) + 1, columns * (width + 1) + 1, channels), np.nan
+    )
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        top, left = 1 + r * (height + 1), 1 + c * (width + 1)
+        out[top : top + height, left : left + width] = image.transpose(1, 2, 0)
+    return out
+
+
+def plot_images(
+    images: Mapping[str, Float[np.ndarray, "n channels height width"]],
+    path,
+    *,
+    title: str | None = None,
+    num_columns: int = 8,
+    grey_cmap: str = "gray",
+) -> Path:
+    """Grids of images, one panel per named set.
+
+    **Arguments:**
+
+    - `images`: name -> images of shape `(n, channels, height, width)` with pixels in
+      $[-1, 1]$ (as [`nfdm_sciml.load_images`][] gives them; values outside are
+      clipped). One channel is drawn in grey, three in colour; NaN pixels (of
+      samples that diverged, say) are left white.
+    - `path`: where to write the PNG.
+    - `num_columns`: images per row of each grid.
+    - `grey_cmap`: the Matplotlib colour map of grey images; `"gray_r"` draws high
+      values dark, as ink (the digits count ink per pixel).
+    """
+    if not images:
+        raise ValueError("`plot_images` needs at least one named set of images.")
+    panels = {}
+    for name, array in images.items():
+        array = np.clip(np.asarray(array, float), -1, 1)
+        if array.ndim != 4 or array.shape[1] not in (1, 3) or array.shape[0] == 0:
+            raise ValueError(
+                f"`plot_images` draws images of shape (n, 1 or 3, height, width); "
+                f"{name!r} has shape {array.shape}."
+            )
+        panels[name] = _mosaic(array, num_columns)
+    fig = Figure(figsize=(3.2 * len(panels), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(panels))
+    for ax, (name, mosaic) in zip(np.atleast_1d(axes), panels.items(), strict=True):
+        if mosaic.shape[-1] == 1:
+            cmap = matplotlib.colormaps[grey_cmap].with_extremes(bad="white")
+            ax.imshow(
+                mosaic[..., 0], cmap=cmap, vmin=-1, vmax=1, interpolation="nearest"
+            )
+        else:
+            colour = np.where(np.isnan(mosaic), 1.0, (mosaic + 1) / 2)
+            ax.imshow(colour, interpolation="nearest")
+        ax.set(title=name, xticks=[], yticks=[])
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import nfdm_sciml as nf
+from nfdm_sciml import plotting
 from nfdm_sciml._images import (
     bits_per_dim,
     ImageDataset,
@@ -277,3 +278,51 @@ def test_image_dataset_checks(no_typecheck):
         ImageDataset(np.zeros((2, 1, 8, 8)), 1)
     with pytest.raises(ValueError, match="one label per image"):
         ImageDataset(np.zeros((2, 1, 8, 8)), 17, np.zeros(3, np.int64))
+
+
+def test_split():
+    digits = load_digits_images()
+    train, held_out = digits.split(0.2, seed=0)
+    # 20 % of 1797, rounded; every image on exactly one side, labels alongside.
+    assert held_out.images.shape == (359, 1, 8, 8) and train.images.shape[0] == 1438
+    assert held_out.num_levels == train.num_levels == 17
+    both = np.concatenate([train.images, held_out.images]).reshape(1797, -1)
+    assert len(np.unique(both, axis=0)) == len(
+        np.unique(digits.images.reshape(1797, -1), axis=0)
+    )
+    assert train.labels is not None and held_out.labels is not None
+    order = np.random.default_rng(0).permutation(1797)
+    np.testing.assert_array_equal(held_out.images, digits.images[order[:359]])
+    assert digits.labels is not None
+    np.testing.assert_array_equal(held_out.labels, digits.labels[order[:359]])
+    # The same seed, the same split; another seed, another.
+    np.testing.assert_array_equal(digits.split(0.2, seed=0)[1].images, held_out.images)
+    assert not np.array_equal(digits.split(0.2, seed=1)[1].images, held_out.images)
+    unlabelled = ImageDataset(digits.images[:10], 17)
+    assert unlabelled.split(0.3)[1].labels is None
+    assert unlabelled.split(0.3)[1].images.shape[0] == 3
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, 0.01, -0.5])
+def test_split_bad_fraction(fraction):
+    with pytest.raises(ValueError, match="leaves images on both sides"):
+        ImageDataset(np.zeros((10, 1, 8, 8)), 17).split(fraction)
+
+
+def test_plot_images(tmp_path):
+    grey = load_digits_images().images[:10]
+    colour = np.random.default_rng(0).uniform(-1, 1, (5, 3, 4, 6))
+    colour[0, :, 1, 1] = np.nan  # drawn white
+    path = plotting.plot_images(
+        {"digits": grey, "colour": colour}, tmp_path / "grid.png", num_columns=4
+    )
+    with Image.open(path) as image:
+        assert image.size[0] > 100
+    with pytest.raises(ValueError, match="at least one"):
+        plotting.plot_images({}, tmp_path / "bad.png")
+
+
+def test_plot_images_bad_shape(tmp_path, no_typecheck):
+    flat = load_digits_images().images[:10].reshape(10, 64)
+    with pytest.raises(ValueError, match=r"shape \(n, 1 or 3, height, width\)"):
+        plotting.plot_images({"flat": flat}, tmp_path / "bad.png")

@@ -10,7 +10,13 @@ import pytest
 import nfdm_sciml as nf
 from nfdm_sciml import testing
 from nfdm_sciml._images import load_digits_images
-from nfdm_sciml._unet import build_image_model, ImageNFDMGaussian, ImagePredictor, UNet
+from nfdm_sciml._unet import (
+    build_image_model,
+    IMAGE_MODEL_KINDS,
+    ImageNFDMGaussian,
+    ImagePredictor,
+    UNet,
+)
 
 from .helpers import randomise
 
@@ -198,3 +204,48 @@ def test_image_model_on_digits():
     # z_0 = x + delta * eps sits in the bin of x (half-spacing 1/16 >> delta): the
     # reconstruction term is nearly zero.
     assert 0 <= float(terms.reconstruction) < 1e-6
+
+
+@pytest.mark.parametrize("kind", IMAGE_MODEL_KINDS)
+def test_image_model_kinds_on_digits(kind):
+    # Every kind on the same tiny U-Net: the same predictor (same weights for the same
+    # key), the digits' decoder, and a finite bound on a batch of real digits.
+    digits = load_digits_images(dtype=np.float64)
+    model = build_image_model(
+        digits.data_shape, kind=kind, num_levels=17, **TINY, key=jr.key(13)
+    )
+    reference = build_image_model(
+        digits.data_shape, num_levels=17, **TINY, key=jr.key(13)
+    )
+    assert model.data_shape == (1, 8, 8)
+    assert model.decoder == digits.decoder(scale=1e-3)
+    assert eqx.tree_equal(model.predictor, reference.predictor)
+    xs = jnp.asarray(digits.images[:4])
+    loss, terms = eqx.filter_jit(model.batch_loss)(xs, key=jr.key(14))
+    assert np.isfinite(float(loss)) and float(terms.diffusion) > 0
+    assert 0 <= float(terms.reconstruction) < 1e-3
+    forward_params = jax.tree.leaves(eqx.filter(model.forward, eqx.is_inexact_array))
+    # The baselines' forward processes are fixed: nothing of them is trained.
+    assert bool(forward_params) == (kind == "nfdm")
+    if kind == "vdm":
+        assert 0 < float(terms.prior) < 1e-2  # q(z_1 | x) is only close to N(0, I)
+    else:
+        assert float(terms.prior) == 0.0  # q(z_1 | x) = N(0, I) exactly
+    if kind == "vdm":
+        assert isinstance(model.forward, nf.VariancePreserving)
+        assert isinstance(model.volatility, nf.LinearSNRVolatility)
+        assert jax.tree.leaves(eqx.filter(model.volatility, eqx.is_inexact_array)) == []
+        # The schedule starts at the common noise floor: sigma_0 = delta.
+        _, sigma = model.forward.mean_and_scale(jnp.array(0.0), xs[0])
+        np.testing.assert_allclose(sigma, 1e-3, rtol=1e-10)
+    else:
+        assert isinstance(model.volatility, nf.NeuralVolatility)
+
+
+def test_image_model_bad_kinds():
+    with pytest.raises(ValueError, match="choose one of nfdm, vdm, fmot"):
+        build_image_model((1, 8, 8), kind="flow", key=jr.key(0))
+    with pytest.raises(ValueError, match="only kind='nfdm' has"):
+        build_image_model((1, 8, 8), kind="vdm", pin_prior=False, key=jr.key(0))
+    with pytest.raises(ValueError, match="noise floor `delta`"):
+        build_image_model((1, 8, 8), kind="fmot", delta=0.0, key=jr.key(0))
