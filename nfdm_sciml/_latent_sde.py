@@ -22,6 +22,7 @@ $$\mathrm{KL}(q(z_{t_0} \mid X)\,\|\,p(z_0)) + \mathbb{E}_{t, \varepsilon}\Big[
 all in closed form at sampled times: no solver in the training step.
 """
 
+import abc
 from collections.abc import Callable
 from typing import cast
 
@@ -60,8 +61,9 @@ class AbstractDiffusion(eqx.Module):
     exact form.
     """
 
+    @abc.abstractmethod
     def __call__(self, z: Float[Array, " d"], t: Scalar) -> Float[Array, " d"]:
-        raise NotImplementedError
+        """The noise scale of every coordinate at state `z` and time `t`."""
 
     def ito_correction(self, z: Float[Array, " d"], t: Scalar) -> Float[Array, " d"]:
         r"""$\tfrac12 \partial_{z_i} g_i(z, t)^2$ for every coordinate $i$."""
@@ -443,10 +445,11 @@ class _LatentSDEBase(eqx.Module):
         _check_model_span(self, series)
         return series
 
+    @abc.abstractmethod
     def filtered_state(
         self, encoded: Encoded, t: Scalar, key: PRNGKeyArray
     ) -> Float[Array, " latent"]:
-        raise NotImplementedError
+        """A draw of the latent state at `t` given the encoded series."""
 
     def sample_prior(
         self,
