@@ -16,7 +16,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import PRNGKeyArray
+from jaxtyping import Array, PRNGKeyArray
 
 from ._custom_types import Context, Data, Scalar, Time
 from ._nets import TimeMLP
@@ -238,6 +238,20 @@ def _check_delta(delta: float, name: str) -> None:
         )
 
 
+def _pinned_moments(
+    out: Array, t: Time, x: Data, delta: float, pin_prior: bool
+) -> tuple[Data, Data]:
+    r"""NFDM-Gaussian's mean and scale from a network output `out` that stacks
+    $(\bar\mu, \bar\ell)$ along its first axis (a vector of twice the data's entries,
+    or an image of twice its channels). Shared by the vector and image processes so
+    the boundary conditions are written once."""
+    mean_bar, log_scale_bar = jnp.split(out, 2)
+    bump = t * (1 - t) if pin_prior else t
+    mu = (1 - t) * x + bump * mean_bar.reshape(x.shape)
+    log_sigma = (1 - t) * math.log(delta) + bump * log_scale_bar.reshape(x.shape)
+    return mu, jnp.exp(log_sigma)
+
+
 class NFDMGaussian(AbstractGaussianProcess):
     r"""The learnable Gaussian forward process of NFDM ("NFDM-Gaussian").
 
@@ -296,13 +310,7 @@ class NFDMGaussian(AbstractGaussianProcess):
         self, t: Time, x: Data, context: Context = None
     ) -> tuple[Data, Data]:
         out = self.net(t, x, context).astype(x.dtype)
-        mean_bar, log_scale_bar = jnp.split(out, 2)
-        bump = t * (1 - t) if self.pin_prior else t
-        mu = (1 - t) * x + bump * mean_bar.reshape(x.shape)
-        log_sigma = (1 - t) * math.log(self.delta) + bump * log_scale_bar.reshape(
-            x.shape
-        )
-        return mu, jnp.exp(log_sigma)
+        return _pinned_moments(out, t, x, self.delta, self.pin_prior)
 
     def prior_kl(self, eps: Data, x: Data, context: Context = None) -> Scalar:
         if not self.pin_prior:

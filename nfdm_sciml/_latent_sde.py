@@ -567,6 +567,51 @@ def _forecast(model, history, t_start, times, num_samples, num_steps, noise, key
     return LatentSolution(times, cast(Array, latents), cast(Array, obs))
 
 
+def _mlp(in_size: int, out_size: int, width: int, key: PRNGKeyArray) -> eqx.nn.MLP:
+    """A head of the latent SDEs: two hidden layers of `width` SiLU units."""
+    return eqx.nn.MLP(in_size, out_size, width, 2, activation=jax.nn.silu, key=key)
+
+
+def _shared_parts(
+    channels: int,
+    latent_size: int,
+    *,
+    t0: float,
+    t1: float,
+    hidden_size: int,
+    observation_scale: float,
+    learn_observation_scale: bool,
+    time_dependent_drift: bool,
+    attention_width: float,
+    keys: tuple[PRNGKeyArray, PRNGKeyArray, PRNGKeyArray],
+) -> tuple[SeriesEncoder, PriorSDE, GaussianObservation]:
+    """The encoder, prior and observation model that both latent SDEs share, so that
+    a comparison of the two changes only the training method."""
+    ekey, pkey, okey = keys
+    encoder = SeriesEncoder(
+        channels,
+        hidden_size=hidden_size,
+        t0=t0,
+        t1=t1,
+        attention_width=attention_width,
+        key=ekey,
+    )
+    prior = PriorSDE(
+        latent_size,
+        width_size=hidden_size,
+        time_dependent=time_dependent_drift,
+        key=pkey,
+    )
+    observation = GaussianObservation(
+        latent_size,
+        channels,
+        scale=observation_scale,
+        learn_scale=learn_observation_scale,
+        key=okey,
+    )
+    return encoder, prior, observation
+
+
 class LatentSDE(_LatentSDEBase):
     r"""A latent SDE trained by SDE Matching: the posterior is a Gaussian process in
     `t` defined by an encoder of the series, and its forward drift (with the Itô
@@ -625,35 +670,19 @@ class LatentSDE(_LatentSDEBase):
             )
         self.reconstruction_points = reconstruction_points
         ekey, hkey, pkey, okey = jr.split(key, 4)
-        self.encoder = SeriesEncoder(
+        self.encoder, self.prior, self.observation = _shared_parts(
             channels,
-            hidden_size=hidden_size,
+            latent_size,
             t0=t0,
             t1=t1,
+            hidden_size=hidden_size,
+            observation_scale=observation_scale,
+            learn_observation_scale=learn_observation_scale,
+            time_dependent_drift=time_dependent_drift,
             attention_width=attention_width,
-            key=ekey,
+            keys=(ekey, pkey, okey),
         )
-        self.head = eqx.nn.MLP(
-            self.encoder.size + 1,
-            2 * latent_size,
-            hidden_size,
-            2,
-            activation=jax.nn.silu,
-            key=hkey,
-        )
-        self.prior = PriorSDE(
-            latent_size,
-            width_size=hidden_size,
-            time_dependent=time_dependent_drift,
-            key=pkey,
-        )
-        self.observation = GaussianObservation(
-            latent_size,
-            channels,
-            scale=observation_scale,
-            learn_scale=learn_observation_scale,
-            key=okey,
-        )
+        self.head = _mlp(self.encoder.size + 1, 2 * latent_size, hidden_size, hkey)
 
     def posterior(
         self, encoded: Encoded, t: Scalar
@@ -816,43 +845,21 @@ class SolverLatentSDE(_LatentSDEBase):
                 f"`num_steps` must be a positive integer, got {num_steps!r}."
             )
         ekey, ikey, dkey, pkey, okey = jr.split(key, 5)
-        self.encoder = SeriesEncoder(
+        self.encoder, self.prior, self.observation = _shared_parts(
             channels,
-            hidden_size=hidden_size,
+            latent_size,
             t0=t0,
             t1=t1,
+            hidden_size=hidden_size,
+            observation_scale=observation_scale,
+            learn_observation_scale=learn_observation_scale,
+            time_dependent_drift=time_dependent_drift,
             attention_width=attention_width,
-            key=ekey,
+            keys=(ekey, pkey, okey),
         )
-        self.initial_head = eqx.nn.MLP(
-            self.encoder.size + 1,
-            2 * latent_size,
-            hidden_size,
-            2,
-            activation=jax.nn.silu,
-            key=ikey,
-        )
-        self.drift_net = eqx.nn.MLP(
-            latent_size + self.encoder.size + 1,
-            latent_size,
-            hidden_size,
-            2,
-            activation=jax.nn.silu,
-            key=dkey,
-        )
-        self.prior = PriorSDE(
-            latent_size,
-            width_size=hidden_size,
-            time_dependent=time_dependent_drift,
-            key=pkey,
-        )
-        self.observation = GaussianObservation(
-            latent_size,
-            channels,
-            scale=observation_scale,
-            learn_scale=learn_observation_scale,
-            key=okey,
-        )
+        size = self.encoder.size
+        self.initial_head = _mlp(size + 1, 2 * latent_size, hidden_size, ikey)
+        self.drift_net = _mlp(latent_size + size + 1, latent_size, hidden_size, dkey)
         self.num_steps = num_steps
 
     def initial(self, encoded: Encoded):

@@ -27,6 +27,7 @@ from ._custom_types import Context, Data, Scalar, Time
 from ._decoder import DiscretisedGaussianDecoder
 from ._forward import (
     _check_delta,
+    _pinned_moments,
     AbstractGaussianProcess,
     LinearInterpolant,
     VariancePreserving,
@@ -467,12 +468,8 @@ class ImageNFDMGaussian(AbstractGaussianProcess):
         self, t: Time, x: Data, context: Context = None
     ) -> tuple[Data, Data]:
         out = self.net(t, x, context).astype(x.dtype)
-        mean_bar, log_scale_bar = jnp.split(out, 2)
-        # The boundary parametrisation of `NFDMGaussian`, kept identical.
-        bump = t * (1 - t) if self.pin_prior else t
-        mu = (1 - t) * x + bump * mean_bar
-        log_sigma = (1 - t) * math.log(self.delta) + bump * log_scale_bar
-        return mu, jnp.exp(log_sigma)
+        # The boundary parametrisation of `NFDMGaussian`, shared with it.
+        return _pinned_moments(out, t, x, self.delta, self.pin_prior)
 
     def prior_kl(self, eps: Data, x: Data, context: Context = None) -> Scalar:
         if not self.pin_prior:
