@@ -18,14 +18,17 @@ reverse SDE (300 Euler-Maruyama steps), decoded to the levels.
     python examples/digits_bpd.py --steps 4 --width 8 \\
         --results /tmp/digits_bpd.json --figure /tmp/digits_bpd.png   # a smoke test
 
-At the defaults (U-Net width 16, batch 32, 6000 steps), on two CPU cores shared with
-another job, a step took 0.67 s for NFDM and 0.11 s for VDM and FM-OT, so about 70 and
-11 minutes of training each, plus about a minute of compilation and a few minutes of
-scoring and sampling per model. (Batch 64 was five times slower per step there, not
-two: on such a CPU keep the batch small and raise the steps.)
+At the defaults (U-Net width 16, batch 32, 6000 steps, noise floor 0.035), on two CPU
+cores with nothing else running, a step took 0.36 s for NFDM and 0.06 s for VDM and
+FM-OT, so about 36 and 6 minutes of training each, plus compilation and 0.5 to 3
+minutes of scoring per model. (On a busier machine batch 64 was five times slower per
+step than batch 32, not two: on such a CPU keep the batch small and raise the steps.)
+The table at the end also gives the paired difference of each baseline to NFDM, image
+by image: every kind is scored on the same images with the same times and noise, so
+the paired standard error is much smaller than the standard errors of the means.
 
 Rows go to examples/results/digits_bpd.json (a row of the same kind, steps, width,
-batch, seed and learning rate is replaced, others are kept, so the kinds can be run
+batch, seed, learning rate and noise floor is replaced, others are kept, so the kinds can be run
 one at a time); the figure, examples/figures/digits_bpd_samples.png, shows the
 held-out digits and the samples of every row of the current settings.
 
@@ -44,6 +47,7 @@ under 1000 steps.)
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import cast
@@ -64,9 +68,16 @@ NAMES = {"nfdm": "NFDM", "vdm": "VDM", "fmot": "FM-OT"}
 # The U-Net of every model (as in examples/configs/digits_*.toml), at --width channels:
 # resolutions 8 and 4, one residual block each, no attention.
 MULTIPLIERS, RES_BLOCKS, GROUPS = (1, 2), 1, 8
-DELTA = 1e-3  # the noise floor at t = 0 and the decoder's scale, for every kind
+# The noise floor at t = 0 and the decoder's scale, the same for every kind. A floor
+# well below the levels' half spacing (1/16) spends the bound on noise levels where the
+# network would have to resolve each pixel's bin, which it does not learn at these
+# budgets; a floor near the half spacing makes the reconstruction term large. 0.035
+# (z_0 leaves the bin of x for about 7 % of the pixels) was chosen from a short sweep
+# with VDM and NFDM; see the README's image results.
+DELTA = 0.035
 CHUNK = 100  # steps per jitted scan (as train.steps_per_call)
 EVAL_TIMES, SDE_STEPS, NUM_SAMPLES = 128, 300, 64
+IMAGE_SHAPE = (1, 8, 8)
 
 
 def parse_args(argv=None):
@@ -77,16 +88,33 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    parser.add_argument(
+        "--delta",
+        type=float,
+        default=DELTA,
+        help=f"noise floor at t = 0 and decoder scale (default {DELTA})",
+    )
+    parser.add_argument(
+        "--eval-times",
+        type=int,
+        default=EVAL_TIMES,
+        help=f"stratified times per held-out image in the bound (default {EVAL_TIMES})",
+    )
     parser.add_argument("--results", default=str(HERE / "results" / "digits_bpd.json"))
     parser.add_argument(
         "--figure", default=str(HERE / "figures" / "digits_bpd_samples.png")
     )
     args = parser.parse_args(argv)
-    for name in ("steps", "width", "batch"):
+    for name in ("steps", "width", "batch", "eval_times"):
         if getattr(args, name) <= 0:
-            parser.error(f"--{name} must be a positive integer")
+            flag = name.replace("_", "-")
+            parser.error(f"--{flag} must be a positive integer")
     if args.width % GROUPS:
         parser.error(f"--width must be a multiple of {GROUPS} (the norm groups)")
+    if not 0 < args.delta < 1 / 16:
+        parser.error(
+            "--delta must lie in (0, 1/16), below half the digits' level spacing"
+        )
     if args.seed < 0 or args.lr <= 0:
         parser.error("--seed must be >= 0 and --lr positive")
     return args
@@ -118,7 +146,7 @@ def run(kind: str, train, held_out, args) -> dict:
         channel_multipliers=MULTIPLIERS,
         num_res_blocks=RES_BLOCKS,
         num_groups=GROUPS,
-        delta=DELTA,
+        delta=args.delta,
         key=jr.key(args.seed),
     )
     num_params = sum(
@@ -140,7 +168,7 @@ def run(kind: str, train, held_out, args) -> dict:
     nelbo_key, _ = jr.split(eval_key)
     t0 = time.perf_counter()
     nelbo = nf.nelbo_estimate(
-        model, jnp.asarray(held_out.images), key=nelbo_key, num_times=EVAL_TIMES
+        model, jnp.asarray(held_out.images), key=nelbo_key, num_times=args.eval_times
     )
     eval_seconds = time.perf_counter() - t0
     solution = nf.sample_sde(model, NUM_SAMPLES, key=sample_key, num_steps=SDE_STEPS)
@@ -162,6 +190,8 @@ def run(kind: str, train, held_out, args) -> dict:
         "batch": args.batch,
         "seed": args.seed,
         "learning_rate": args.lr,
+        "delta": args.delta,
+        "eval_times": args.eval_times,
         "unet": {
             "channel_multipliers": list(MULTIPLIERS),
             "num_res_blocks": RES_BLOCKS,
@@ -173,6 +203,9 @@ def run(kind: str, train, held_out, args) -> dict:
         "bits_per_dim_stderr": float(nelbo.bits_per_dim_stderr),
         "nats": float(nelbo.nats),
         "nats_stderr": float(nelbo.nats_stderr),
+        # Per held-out image, for paired comparisons: every kind is scored on the
+        # same images with the same times and noise (the key depends on the seed only).
+        "nats_per_image": np.round(np.asarray(nelbo.per_example), 4).tolist(),
         "terms_nats": {
             name: float(getattr(terms, name))
             for name in ("diffusion", "prior", "reconstruction")
@@ -187,9 +220,20 @@ def run(kind: str, train, held_out, args) -> dict:
 
 
 def same_settings(row: dict, args) -> bool:
-    return row.get("learning_rate") == args.lr and all(
-        row.get(k) == getattr(args, k) for k in ("steps", "width", "batch", "seed")
-    )
+    """Whether a stored row trained the model these arguments would train."""
+    keys = ("steps", "width", "batch", "seed", "delta")
+    same = all(row.get(k) == getattr(args, k) for k in keys)
+    return same and row.get("learning_rate") == args.lr
+
+
+def paired_difference(row: dict, reference: dict) -> tuple[float, float]:
+    """The mean and standard error of `row` minus `reference`, image by image, in
+    bits/dim (NaN for rows written before the per-image values were stored)."""
+    a, b = row.get("nats_per_image"), reference.get("nats_per_image")
+    if a is None or b is None or len(a) != len(b):
+        return math.nan, math.nan
+    diff = (np.asarray(a) - np.asarray(b)) / (np.prod(IMAGE_SHAPE) * math.log(2))
+    return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(diff.size))
 
 
 def main(argv=None) -> list[dict]:
@@ -220,7 +264,7 @@ def main(argv=None) -> list[dict]:
     for kind in KINDS:
         if kind in current:
             r = current[kind]
-            levels = np.asarray(r["sample_levels"], float).reshape(-1, 1, 8, 8)
+            levels = np.asarray(r["sample_levels"], float).reshape(-1, *IMAGE_SHAPE)
             levels[levels < 0] = np.nan  # diverged samples are left blank
             label = f"{NAMES[kind]}: {r['bits_per_dim']:.3f} bits/dim"
             if r.get("non_finite_samples"):
@@ -244,6 +288,12 @@ def main(argv=None) -> list[dict]:
                 f"{r['train_seconds']:7.0f}  "
                 + ("n/a" if per_step is None else f"{per_step:.3f}")
             )
+    if "nfdm" in current:
+        print("\npaired difference to NFDM on the same held-out images (bits/dim):")
+        for kind in KINDS[1:]:
+            if kind in current:
+                mean, stderr = paired_difference(current[kind], current["nfdm"])
+                print(f"  {NAMES[kind]} - NFDM: {mean:+.4f} ± {stderr:.4f}")
     print(f"rows: {results}\nfigure: {figure}")
     return list(current.values())
 

@@ -518,7 +518,7 @@ def _build_image_model(config: dict[str, dict[str, Any]], data: _Data) -> NFDM:
         raise _UsageError(
             f"`model.delta` must lie in (0, {half_spacing:.4g}), below half the "
             f"spacing of the {num_levels} levels of these images, got "
-            f"{model['delta']}; 0.001 suits 8-bit images and the digits."
+            f"{model['delta']}; 0.001 suits 8-bit images, 0.035 the digits."
         )
     try:
         return build_image_model(
@@ -965,7 +965,8 @@ Config sections and keys (defaults in brackets):
           eval_size (2000; for images the most held-out images to evaluate)
   [model] kind (nfdm; nfdm/flow/fmot/vdm, with a U-Net nfdm/vdm/fmot),
           network (mlp; "unet" for images), width_size (64), depth (4; MLPs),
-          delta (0.01; below half the level spacing for images, e.g. 0.001),
+          delta (0.01; for images below half the level spacing: 0.001 for
+          8-bit images, 0.035 for the digits),
           pin_prior (true); U-Net only: channel_multipliers ([1, 2, 2]),
           num_res_blocks (2), attention_resolutions ([]), num_groups (8),
           num_heads (1)
