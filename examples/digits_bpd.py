@@ -28,9 +28,9 @@ by image: every kind is scored on the same images with the same times and noise,
 the paired standard error is much smaller than the standard errors of the means.
 
 Rows go to examples/results/digits_bpd.json (a row of the same kind, steps, width,
-batch, seed, learning rate and noise floor is replaced, others are kept, so the kinds can be run
-one at a time); the figure, examples/figures/digits_bpd_samples.png, shows the
-held-out digits and the samples of every row of the current settings.
+batch, seed, learning rate and noise floor is replaced, others are kept, so the kinds
+can be run one at a time); the figure, examples/figures/digits_bpd_samples.png, shows
+the held-out digits and the samples of every row of the current settings.
 
 The same runs through the command line, one run folder each (with checkpoints, which
 this script does not write; at the default settings they train exactly the same

@@ -594,9 +594,11 @@ def load_array(
             "were expected; select the right columns with `columns=` or check the "
             "file."
         )
-    if np.abs(array).max() > np.finfo(dtype).max:
+    # `finfo` of an empty array of the target dtype: NumPy's stubs accept no DTypeLike.
+    target = np.empty(0, dtype=dtype)
+    if np.abs(array).max() > np.finfo(target.dtype).max:
         raise ValueError(
-            f"Some values of {path!r} are too large for {np.dtype(dtype).name}; "
+            f"Some values of {path!r} are too large for {target.dtype.name}; "
             "rescale the data or pass `dtype=np.float64`."
         )
     return array.astype(dtype)
