@@ -72,7 +72,7 @@ MULTIPLIERS, RES_BLOCKS, GROUPS = (1, 2), 1, 8
 # well below the levels' half spacing (1/16) spends the bound on noise levels where the
 # network would have to resolve each pixel's bin, which it does not learn at these
 # budgets; a floor near the half spacing makes the reconstruction term large. 0.035
-# (z_0 leaves the bin of x for about 7 % of the pixels) was chosen from a short sweep
+# (z_0 leaves the bin of x for 4 to 7 % of the pixels) was chosen from a short sweep
 # with VDM and NFDM; see the README's image results.
 DELTA = 0.035
 CHUNK = 100  # steps per jitted scan (as train.steps_per_call)
